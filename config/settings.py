@@ -1,0 +1,162 @@
+"""Django settings. Every value that varies between deployments comes from ``config.env``."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import django_stubs_ext
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import Env, database_config, mqtt_url, redis_url
+
+django_stubs_ext.monkeypatch()  # lets ModelAdmin[Device] and friends be subscripted at run time
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = Env.load(BASE_DIR)
+
+DEBUG = env.bool("DJANGO_DEBUG", False)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", "") or ""
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is required but not set (the quick start writes one to .env; "
+        "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+    )
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "devices",
+    "mqtt_bridge",
+    "gateway",
+    "config.apps.ConfigConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": database_config(env.str("DATABASE_URL", "sqlite:///db.sqlite3"), base_dir=BASE_DIR)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "fleet"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# --- Channel layer: in-memory for one process, Redis when several processes share events -----------------
+REDIS_URL = env.raw("REDIS_URL") or None
+CHANNEL_LAYERS: dict[str, Any]
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                # socket_timeout None: redis-py 8 defaults it to the same 5 s as the layer's BZPOPMIN wait, and an
+                # idle receiver then dies with TimeoutError (redis-py issue 4091).
+                "hosts": [{"address": redis_url(REDIS_URL), "socket_timeout": None}],
+                "capacity": env.int("GATEWAY_LAYER_CAPACITY", 1000, minimum=10),
+                "expiry": 60,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": env.int("GATEWAY_LAYER_CAPACITY", 1000, minimum=10), "expiry": 60},
+        }
+    }
+
+# --- MQTT ----------------------------------------------------------------------------------------------------
+_mqtt = mqtt_url(env.str("MQTT_URL", "mqtt://127.0.0.1:1883"))
+MQTT = {
+    "HOST": _mqtt.host,
+    "PORT": _mqtt.port,
+    "TLS": _mqtt.tls,
+    "USERNAME": _mqtt.username,
+    "PASSWORD": _mqtt.password,
+    "DISPLAY_URL": _mqtt.display(),
+    "PROTOCOL": env.choice("MQTT_PROTOCOL", "5", ("5", "3.1.1")),
+    "CLIENT_ID": env.str("GATEWAY_MQTT_CLIENT_ID", f"gateway-bridge-{socket.gethostname()}"),
+    "KEEPALIVE": env.int("GATEWAY_MQTT_KEEPALIVE", 30, minimum=5, maximum=3600),
+    "SESSION_EXPIRY": env.int("GATEWAY_MQTT_SESSION_EXPIRY", 3600, minimum=0),
+    "RECEIVE_MAXIMUM": env.int("GATEWAY_MQTT_RECEIVE_MAXIMUM", 1000, minimum=1, maximum=65535),
+    "QUEUE_MAX": env.int("GATEWAY_MQTT_QUEUE_MAX", 20000, minimum=100),
+}
+
+# --- Gateway behaviour (contract sections 1, 4 and 7) ----------------------------------------------------------
+GATEWAY = {
+    "TOPIC_PREFIX": env.str("GATEWAY_TOPIC_PREFIX", "devices"),
+    "SHARED_GROUP": env.raw("GATEWAY_MQTT_SHARED_GROUP") or None,
+    "MAX_PAYLOAD": env.int("GATEWAY_MAX_PAYLOAD", 65536, minimum=64, maximum=16 * 1024 * 1024),
+    "HISTORY_RETENTION_DAYS": env.int("GATEWAY_HISTORY_RETENTION_DAYS", 30, minimum=1),
+    "AUTO_REGISTER": env.bool("GATEWAY_AUTO_REGISTER", True),
+    "MAX_DEVICES": env.int("GATEWAY_MAX_DEVICES", 10000, minimum=1),
+    "REPLAY_MAX": env.int("GATEWAY_REPLAY_MAX", 10000, minimum=1),
+    "BATCH_MAX": env.int("GATEWAY_BATCH_MAX", 500, minimum=1, maximum=10000),
+    "BATCH_LINGER": env.float("GATEWAY_BATCH_LINGER_MS", 5.0) / 1000.0,
+    "WS_QUEUE_MAX": env.int("GATEWAY_WS_QUEUE_MAX", 5000, minimum=10),
+    "WS_FRAME_EVENTS": env.int("GATEWAY_WS_FRAME_EVENTS", 500, minimum=1),
+    "WS_MAX_FRAME": env.int("GATEWAY_WS_MAX_FRAME", 65536, minimum=1024),
+    "HEARTBEAT_INTERVAL": env.float("GATEWAY_HEARTBEAT_INTERVAL", 5.0, minimum=0.1),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("GATEWAY_LOG_LEVEL", "INFO")},
+    "loggers": {
+        "amqtt": {"level": "WARNING"},
+        "transitions": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+        "django.channels.server": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,45 @@
+from django.contrib import admin
+
+from devices.models import ApiToken, BridgeHeartbeat, Device, Event, Fleet, FleetAccess
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin[Device]):
+    list_display = ["id", "name", "kind", "online", "last_seen", "first_seen"]
+    list_filter = ["online", "kind", "fleets"]
+    search_fields = ["id", "name"]
+    readonly_fields = ["first_seen", "last_seen", "status_changed_at", "latest", "latest_ts"]
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin[Event]):
+    list_display = ["id", "device", "kind", "ts", "device_ts", "seq"]
+    list_filter = ["kind"]
+    search_fields = ["device__id"]
+    raw_id_fields = ["device"]
+    readonly_fields = ["device", "kind", "ts", "device_ts", "seq", "body"]
+    show_full_result_count = False
+
+
+class FleetAccessInline(admin.TabularInline[FleetAccess, Fleet]):
+    model = FleetAccess
+    extra = 1
+
+
+@admin.register(Fleet)
+class FleetAdmin(admin.ModelAdmin[Fleet]):
+    list_display = ["name"]
+    filter_horizontal = ["devices"]
+    inlines = [FleetAccessInline]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
+    list_display = ["prefix", "user", "name", "created", "last_used", "revoked_at"]
+    readonly_fields = ["prefix", "key_hash", "created", "last_used"]
+    list_filter = ["revoked_at"]
+
+
+@admin.register(BridgeHeartbeat)
+class BridgeHeartbeatAdmin(admin.ModelAdmin[BridgeHeartbeat]):
+    list_display = ["name", "connected", "detail", "updated_at"]

@@ -1,0 +1,110 @@
+"""The registry, the event history and access grants: the gateway's source of truth."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import models
+from django.db.models import Q
+
+from devices.records import EventKind
+
+
+class Device(models.Model):
+    id = models.CharField(primary_key=True, max_length=64)
+    name = models.CharField(max_length=200, blank=True)
+    kind = models.CharField(max_length=100, blank=True)
+    first_seen = models.DateTimeField(auto_now_add=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    online = models.BooleanField(default=False)
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    latest = models.JSONField(default=dict, blank=True, help_text="Latest value of each metric.")
+    latest_ts = models.FloatField(null=True, blank=True, help_text="Receive time of the latest telemetry.")
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.name or self.id
+
+
+class Event(models.Model):
+    """One stored device event. ``id`` orders history; ``ts`` is the gateway's receive time."""
+
+    id = models.BigAutoField(primary_key=True)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=16, choices=[(k.value, k.value) for k in EventKind])
+    ts = models.FloatField()
+    device_ts = models.FloatField(null=True, blank=True)
+    seq = models.BigIntegerField(null=True, blank=True)
+    body = models.JSONField(default=dict)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["device", "id"], name="event_device_id"),
+            models.Index(fields=["device", "ts"], name="event_device_ts"),
+            models.Index(fields=["ts"], name="event_ts"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["device", "seq"], condition=Q(seq__isnull=False), name="event_unique_device_seq"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.id} from {self.device_id}"
+
+
+class Fleet(models.Model):
+    """A set of devices; access to them is granted to Django groups."""
+
+    name = models.CharField(max_length=100, unique=True)
+    devices = models.ManyToManyField(Device, related_name="fleets", blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class FleetAccess(models.Model):
+    class Level(models.TextChoices):
+        VIEW = "view"
+        OPERATE = "operate"
+
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="grants")
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="fleet_grants")
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.VIEW)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["fleet", "group"], name="fleet_access_unique")]
+        verbose_name_plural = "fleet access"
+
+    def __str__(self) -> str:
+        return f"{self.group} may {self.level} {self.fleet}"
+
+
+class ApiToken(models.Model):
+    """A bearer token for scripts. Only its SHA-256 is stored; the token itself is shown once."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=8, help_text="First characters of the token, to recognise it.")
+    key_hash = models.CharField(max_length=64, unique=True)
+    created = models.DateTimeField(auto_now_add=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+
+class BridgeHeartbeat(models.Model):
+    """What each bridge last said about its broker connection, so a web-only process can report readiness."""
+
+    name = models.CharField(primary_key=True, max_length=200)
+    connected = models.BooleanField(default=False)
+    detail = models.CharField(max_length=300, blank=True)
+    updated_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'connected' if self.connected else 'disconnected'}"

@@ -1,0 +1,52 @@
+"""Who may see and operate which devices (contract section 6): the one place that decides it.
+
+Superusers see and operate everything; other users see the devices of fleets granted to their groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import QuerySet
+
+from devices.models import Device, FleetAccess
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAccess:
+    """A snapshot of one user's access, cheap to check per event."""
+
+    everything: bool
+    viewable: frozenset[str] = frozenset()
+    operable: frozenset[str] = frozenset()
+
+    def can_view(self, device_id: str) -> bool:
+        return self.everything or device_id in self.viewable
+
+    def can_operate(self, device_id: str) -> bool:
+        return self.everything or device_id in self.operable
+
+    def filter(self, devices: QuerySet[Device]) -> QuerySet[Device]:
+        return devices if self.everything else devices.filter(id__in=self.viewable)
+
+
+NO_ACCESS = DeviceAccess(everything=False)
+
+
+def access_for(user: AbstractBaseUser | AnonymousUser) -> DeviceAccess:
+    """Compute ``user``'s access from their groups' fleet grants (one query)."""
+    if not user.is_authenticated or not getattr(user, "is_active", False):
+        return NO_ACCESS
+    if getattr(user, "is_superuser", False):
+        return DeviceAccess(everything=True)
+    grants = FleetAccess.objects.filter(group__user=user).values_list("fleet__devices__id", "level")
+    viewable: set[str] = set()
+    operable: set[str] = set()
+    for device_id, level in grants:
+        if device_id is None:
+            continue
+        viewable.add(device_id)
+        if level == FleetAccess.Level.OPERATE:
+            operable.add(device_id)
+    return DeviceAccess(everything=False, viewable=frozenset(viewable), operable=frozenset(operable))

@@ -1,0 +1,112 @@
+"""Reads from the registry and history. Keyword-only and typed; no writes here."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from devices.models import ApiToken, BridgeHeartbeat, Device, Event
+from devices.permissions import DeviceAccess
+from devices.records import EventKind, EventRecord
+from devices.services import hash_token
+
+
+def record_of(event: Event) -> EventRecord:
+    return EventRecord(
+        id=event.id,
+        device_id=event.device_id,
+        kind=EventKind(event.kind),
+        ts=event.ts,
+        body=event.body,
+        device_ts=event.device_ts,
+    )
+
+
+def last_event_id() -> int:
+    """The highest stored event id (0 when there is none). Read it *before* reading state (contract 4)."""
+    return Event.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Events to resend, oldest first, and the id range that could not be replayed (``None`` if none)."""
+
+    events: list[EventRecord]
+    gap: tuple[int, int] | None
+
+
+def events_after(*, after: int, device_ids: Collection[str] | None, limit: int) -> Replay:
+    """The newest ``limit`` events after id ``after`` for those devices (all when ``None``), in id order.
+
+    When more than ``limit`` exist, the oldest are left out and reported as a gap.
+    """
+    events: QuerySet[Event] = Event.objects.filter(id__gt=after)
+    if device_ids is not None:
+        if not device_ids:
+            return Replay(events=[], gap=None)
+        events = events.filter(device_id__in=list(device_ids))
+    newest = list(events.order_by("-id")[: limit + 1])
+    newest.reverse()
+    gap = None
+    if len(newest) > limit:
+        dropped = newest.pop(0)
+        gap = (after + 1, newest[0].id - 1 if newest else dropped.id)
+    return Replay(events=[record_of(event) for event in newest], gap=gap)
+
+
+def visible_device_ids(*, access: DeviceAccess, candidates: Collection[str]) -> set[str]:
+    """Those of ``candidates`` that exist and ``access`` may view."""
+    allowed = [device_id for device_id in candidates if access.can_view(device_id)]
+    return set(Device.objects.filter(id__in=allowed).values_list("id", flat=True))
+
+
+def device_list(*, access: DeviceAccess) -> list[Device]:
+    return list(access.filter(Device.objects.all()).order_by("id"))
+
+
+def device_detail(*, access: DeviceAccess, device_id: str) -> Device | None:
+    if not access.can_view(device_id):
+        return None
+    return Device.objects.filter(id=device_id).first()
+
+
+def recent_events(*, device_id: str, limit: int = 50, kinds: Collection[EventKind] | None = None) -> list[EventRecord]:
+    events = Event.objects.filter(device_id=device_id)
+    if kinds is not None:
+        events = events.filter(kind__in=[kind.value for kind in kinds])
+    rows = list(events.order_by("-id")[:limit])
+    return [record_of(row) for row in rows]
+
+
+def user_for_token(*, token: str) -> AbstractBaseUser | None:
+    """The active user an unrevoked API token belongs to, or ``None``."""
+    found = (
+        ApiToken.objects.select_related("user")
+        .filter(key_hash=hash_token(token), revoked_at__isnull=True, user__is_active=True)
+        .first()
+    )
+    return found.user if found is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeHealth:
+    connected: list[str]
+    stale_or_disconnected: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.connected)
+
+
+def bridge_health(*, max_age: float) -> BridgeHealth:
+    """Which bridges reported a live broker connection within ``max_age`` seconds."""
+    fresh_after = timezone.now() - timedelta(seconds=max_age)
+    connected, other = [], []
+    for beat in BridgeHeartbeat.objects.all():
+        (connected if beat.connected and beat.updated_at >= fresh_after else other).append(beat.name)
+    return BridgeHealth(connected=connected, stale_or_disconnected=other)

@@ -1,0 +1,258 @@
+"""The WebSocket protocol of contract section 3, one consumer per socket.
+
+Sockets never touch the channel layer themselves: the process's ``Hub`` is the layer's only subscriber and
+pushes events into each socket's ``SocketFeed``; a sender task turns what accumulates into batched frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import orjson
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from devices import selectors
+from devices.identifiers import is_device_id
+from devices.permissions import DeviceAccess, access_for
+from gateway import metrics
+from gateway.auth import SESSION, origin_allowed
+from gateway.events import PROTOCOL_VERSION, WireEvent, wire_event
+from gateway.feed import SocketFeed
+from gateway.hub import Hub
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+MAX_DEVICES_PER_FRAME = 1000
+
+# An alias with no layer behind it: Channels then gives the consumer no channel of its own (see module doc).
+NO_CHANNEL_LAYER = "gateway.consumers-use-the-hub"
+
+
+class FrameError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EventsConsumer(AsyncWebsocketConsumer):
+    channel_layer_alias = NO_CHANNEL_LAYER
+
+    feed: SocketFeed | None = None
+    hub: Hub | None = None
+    sender: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self._refuse(CLOSE_UNAUTHENTICATED)
+            return
+        if self.scope.get("auth_method") == SESSION and not origin_allowed(self.scope):
+            await self._refuse(CLOSE_FORBIDDEN)
+            return
+        access, last_id = await _access_and_last_id(user)
+        conf = settings.GATEWAY
+        self.feed = SocketFeed(access=access, max_events=conf["WS_QUEUE_MAX"], frame_events=conf["WS_FRAME_EVENTS"])
+        self.hub = Hub.for_layer(get_channel_layer())
+        self.hub.attach(self.feed)
+        await self.accept()
+        metrics.WS_CLIENTS.inc()
+        await self._send(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "user": user.get_username(),
+                "server_time": time.time(),
+                "last_id": last_id,
+            }
+        )
+        self.sender = asyncio.create_task(self._send_feed(), name="gateway-ws-sender")
+
+    async def _refuse(self, code: int) -> None:
+        metrics.WS_REFUSED.labels(str(code)).inc()
+        await self.accept()
+        await self.close(code=code)
+
+    async def disconnect(self, code: int) -> None:
+        if self.feed is None:
+            return
+        metrics.WS_CLIENTS.dec()
+        if self.hub is not None:
+            self.hub.detach(self.feed)
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sender
+        self.feed = None
+
+    async def _send_feed(self) -> None:
+        assert self.feed is not None
+        while True:
+            for text in await self.feed.next_frames():
+                await self.send(text_data=text)
+                metrics.WS_FRAMES.inc()
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=orjson.dumps(frame).decode())
+        metrics.WS_FRAMES.inc()
+
+    async def _error(self, code: str, message: str, ref: Any = None) -> None:
+        metrics.WS_ERRORS.labels(code).inc()
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if isinstance(ref, str):
+            frame["ref"] = ref[:200]
+        await self._send(frame)
+
+    # --- client frames ------------------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.feed is None:
+            return
+        if text_data is None:
+            await self._error("bad_frame", "binary frames are not supported; send JSON text")
+            return
+        if len(text_data) > settings.GATEWAY["WS_MAX_FRAME"]:
+            await self._error("too_large", f"frame of {len(text_data)} characters exceeds {settings.GATEWAY['WS_MAX_FRAME']}")
+            return
+        try:
+            frame = orjson.loads(text_data)
+        except orjson.JSONDecodeError as exc:
+            await self._error("bad_json", f"frame is not JSON: {exc}")
+            return
+        if not isinstance(frame, dict):
+            await self._error("bad_frame", f"frame must be a JSON object, got {type(frame).__name__}")
+            return
+        ref = frame.get("request_id")
+        op = frame.get("op")
+        handler = {
+            "subscribe": self.op_subscribe,
+            "unsubscribe": self.op_unsubscribe,
+            "resume": self.op_resume,
+            "ping": self.op_ping,
+            "command": self.op_command,
+        }.get(op) if isinstance(op, str) else None
+        if handler is None:
+            await self._error("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe, resume, command or ping", ref)
+            return
+        try:
+            await handler(frame)
+        except FrameError as exc:
+            await self._error(exc.code, str(exc), ref)
+
+    async def op_ping(self, frame: dict[str, Any]) -> None:
+        await self._send({"type": "pong"})
+
+    async def op_command(self, frame: dict[str, Any]) -> None:
+        raise FrameError("unsupported", "commands are not available on this gateway version yet")
+
+    async def op_subscribe(self, frame: dict[str, Any]) -> None:
+        assert self.feed is not None and self.hub is not None
+        devices = _devices_field(frame)
+        after = _after_field(frame, required=False)
+        wanted: set[str] | None
+        if devices is None:
+            wanted = None
+        else:
+            wanted = await _visible(self.feed.access, devices)
+            unknown = sorted(set(devices) - wanted)
+            if unknown:
+                shown = ", ".join(repr(device)[:70] for device in unknown[:10])
+                await self._error("unknown_device", f"unknown device(s): {shown}", frame.get("request_id"))
+        if after is None:
+            self.hub.subscribe(self.feed, wanted)
+            await self._send_subscribed()
+            return
+        self.feed.hold()
+        try:
+            self.hub.subscribe(self.feed, wanted)
+            await self._send_subscribed()
+            replay_for = wanted if wanted is not None else _wildcard_devices(self.feed.access)
+            await self._replay(after, replay_for)
+        except BaseException:
+            self.feed.release()
+            raise
+
+    async def op_unsubscribe(self, frame: dict[str, Any]) -> None:
+        assert self.feed is not None and self.hub is not None
+        devices = _devices_field(frame)
+        self.hub.unsubscribe(self.feed, None if devices is None else set(devices))
+        await self._send_subscribed()
+
+    async def op_resume(self, frame: dict[str, Any]) -> None:
+        assert self.feed is not None
+        after = _after_field(frame, required=True)
+        assert after is not None
+        self.feed.hold()
+        try:
+            replay_for = _wildcard_devices(self.feed.access) if self.feed.wildcard else set(self.feed.devices)
+            await self._replay(after, replay_for)
+        except BaseException:
+            self.feed.release()
+            raise
+
+    async def _replay(self, after: int, devices: set[str] | None) -> None:
+        """Send stored events after ``after`` ahead of the live ones held meanwhile (the feed is held)."""
+        assert self.feed is not None
+        replay = await _events_after(after, devices, settings.GATEWAY["REPLAY_MAX"])
+        events: list[WireEvent] = [wire_event(record) for record in replay.events]
+        if replay.gap is not None:
+            metrics.WS_DROPPED.labels("replay_cap").inc()
+        metrics.WS_EVENTS.inc(len(events))
+        self.feed.release(
+            replay=events,
+            gap=replay.gap,
+            replayed_devices=devices,
+            cutoff=max(after, events[-1]["id"] if events else 0),
+        )
+
+    async def _send_subscribed(self) -> None:
+        assert self.feed is not None
+        await self._send({"type": "subscribed", "devices": "*" if self.feed.wildcard else sorted(self.feed.devices)})
+
+
+def _devices_field(frame: dict[str, Any]) -> list[str] | None:
+    """``"*"`` -> ``None``; otherwise a list of strings (ids with a bad grammar are kept: they are unknown)."""
+    devices = frame.get("devices")
+    if devices == "*":
+        return None
+    if not isinstance(devices, list) or not all(isinstance(device, str) for device in devices):
+        raise FrameError("bad_frame", 'devices must be "*" or a list of device ids')
+    if len(devices) > MAX_DEVICES_PER_FRAME:
+        raise FrameError("bad_frame", f"at most {MAX_DEVICES_PER_FRAME} devices per frame, got {len(devices)}")
+    return list(dict.fromkeys(devices))
+
+
+def _after_field(frame: dict[str, Any], *, required: bool) -> int | None:
+    after = frame.get("after")
+    if after is None and not required:
+        return None
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise FrameError("bad_frame", f"after must be a non-negative event id, got {after!r}")
+    return after
+
+
+def _wildcard_devices(access: DeviceAccess) -> set[str] | None:
+    return None if access.everything else set(access.viewable)
+
+
+@database_sync_to_async
+def _access_and_last_id(user: Any) -> tuple[DeviceAccess, int]:
+    return access_for(user), selectors.last_event_id()
+
+
+@database_sync_to_async
+def _visible(access: DeviceAccess, devices: list[str]) -> set[str]:
+    return selectors.visible_device_ids(access=access, candidates=[d for d in devices if is_device_id(d)])
+
+
+@database_sync_to_async
+def _events_after(after: int, devices: set[str] | None, limit: int) -> selectors.Replay:
+    return selectors.events_after(after=after, device_ids=devices, limit=limit)

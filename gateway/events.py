@@ -1,0 +1,126 @@
+"""Everything that crosses the channel layer: group names and message shapes, in one module.
+
+Both the bridge and the web side import this module and nothing else of each other. The bridge sends one
+``gateway.events`` message per stored batch to ``EVENTS_GROUP``; each web process has one member in that group
+(its ``Hub``) and fans the batch out to its own sockets. Each event is serialized to its WebSocket frame once,
+here, by whoever publishes it; every receiver reuses that text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal, NotRequired, TypedDict
+
+import orjson
+
+from devices.records import EventRecord
+
+PROTOCOL_VERSION = 1
+
+# Channels' rule for group names (channels.layers.BaseChannelLayer): ASCII letters, digits, -, _ and . only,
+# shorter than 100 characters.
+_GROUP_NAME_RE = re.compile(r"^[a-zA-Z\d\-_.]+$")
+_GROUP_NAME_MAX = 100
+
+
+def group_name(*parts: str) -> str:
+    """Join ``parts`` with dots and check the result against Channels' group-name rule."""
+    name = ".".join(parts)
+    if not parts or len(name) >= _GROUP_NAME_MAX or not _GROUP_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid channel-layer group name {name!r}: ASCII letters, digits, - _ . only, under {_GROUP_NAME_MAX}"
+        )
+    return name
+
+
+EVENTS_GROUP = group_name("gateway", "events")
+"""Every stored device event, in batches; one member per web process."""
+
+EVENTS_MESSAGE_TYPE = "gateway.events"
+
+
+class WireEvent(TypedDict):
+    """One event inside a layer message: enough to route it, plus its ready-made frame text."""
+
+    id: int
+    device: str
+    frame: str
+
+
+class EventsMessage(TypedDict):
+    """One stored batch. ``source`` numbers its messages (``seq``) and says which id it sent last before this
+    one (``prev_id``), so a receiver can tell that a message was lost in the layer and which ids it held."""
+
+    type: Literal["gateway.events"]
+    source: str
+    seq: int
+    prev_id: int
+    events: list[WireEvent]
+
+
+def event_frame(record: EventRecord) -> dict[str, Any]:
+    """The WebSocket frame (contract section 3) for one stored event."""
+    frame: dict[str, Any] = {"type": record.kind.value, "id": record.id, "device": record.device_id, "ts": record.ts}
+    if record.device_ts is not None:
+        frame["device_ts"] = record.device_ts
+    frame.update(record.body)
+    return frame
+
+
+def wire_event(record: EventRecord) -> WireEvent:
+    return {"id": record.id, "device": record.device_id, "frame": orjson.dumps(event_frame(record)).decode()}
+
+
+class EventsPublisher:
+    """Numbers the ``gateway.events`` messages of one sender (one bridge process)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._seq = 0
+        self._last_id = 0
+
+    def message(self, records: Sequence[EventRecord]) -> EventsMessage:
+        self._seq += 1
+        message: EventsMessage = {
+            "type": EVENTS_MESSAGE_TYPE,
+            "source": self.source,
+            "seq": self._seq,
+            "prev_id": self._last_id,
+            "events": [wire_event(record) for record in records],
+        }
+        if records:
+            self._last_id = records[-1].id
+        return message
+
+
+def parse_events_message(message: dict[str, Any]) -> EventsMessage:
+    """Check the shape of a layer message; ``ValueError`` names what is wrong with it."""
+    if message.get("type") != EVENTS_MESSAGE_TYPE:
+        raise ValueError(f"not a {EVENTS_MESSAGE_TYPE} message: type {message.get('type')!r}")
+    if not isinstance(message.get("events"), list) or not isinstance(message.get("source"), str):
+        raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: keys {sorted(message)!r}")
+    if not isinstance(message.get("seq"), int) or not isinstance(message.get("prev_id"), int):
+        raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: seq/prev_id not integers")
+    return message  # type: ignore[return-value]
+
+
+# --- Frames the web side writes (server -> browser) -----------------------------------------------------------
+
+
+class ErrorFrame(TypedDict):
+    type: Literal["error"]
+    code: str
+    message: str
+    ref: NotRequired[str]
+
+
+def batch_frame(frames: list[str]) -> str:
+    """One text frame for several pre-serialized event frames (contract: ``{"type": "batch", ...}``)."""
+    if len(frames) == 1:
+        return frames[0]
+    return '{"type":"batch","events":[' + ",".join(frames) + "]}"
+
+
+def gap_frame(first: int, last: int) -> str:
+    return orjson.dumps({"type": "gap", "from": first, "to": last}).decode()

@@ -1,0 +1,128 @@
+"""A socket's bounded outbox of ready-made event frames, with replay hold and gap tracking."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from devices.permissions import DeviceAccess
+from gateway import metrics
+from gateway.events import WireEvent, batch_frame, gap_frame
+
+
+@dataclass(slots=True)
+class Gap:
+    first: int
+    last: int
+
+
+class SocketFeed:
+    """What the hub pushes to one socket; the socket's sender task takes frames from it.
+
+    Bounded by ``max_events``: past it, events are dropped and a ``gap`` frame takes their place, so the
+    client knows to resume. While ``held`` (during a replay) events are queued but not handed out.
+    """
+
+    def __init__(self, *, access: DeviceAccess, max_events: int, frame_events: int) -> None:
+        self.access = access
+        self.devices: set[str] = set()
+        self.wildcard = False
+        self._max = max_events
+        self._frame_events = frame_events
+        self._items: deque[WireEvent | Gap] = deque()
+        self._events = 0
+        self._held = 0
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def wants(self, device_id: str) -> bool:
+        if self.wildcard:
+            return self.access.can_view(device_id)
+        return device_id in self.devices
+
+    def push(self, event: WireEvent) -> None:
+        if self._events >= self._max:
+            self._drop(event["id"], event["id"], "queue_full")
+            return
+        self._items.append(event)
+        self._events += 1
+        if not self._held:
+            self._ready.set()
+
+    def gap(self, first: int, last: int, reason: str) -> None:
+        """Mark ids ``first..last`` as missed (for example lost in the channel layer)."""
+        self._drop(first, last, reason, count=0)
+
+    def _drop(self, first: int, last: int, reason: str, count: int = 1) -> None:
+        metrics.WS_DROPPED.labels(reason).inc(count)
+        self.dropped += count
+        tail = self._items[-1] if self._items else None
+        if isinstance(tail, Gap):
+            tail.first, tail.last = min(tail.first, first), max(tail.last, last)
+        else:
+            self._items.append(Gap(first, last))
+        if not self._held:
+            self._ready.set()
+
+    def hold(self) -> None:
+        self._held += 1
+
+    def release(
+        self,
+        *,
+        replay: Iterable[WireEvent] = (),
+        gap: tuple[int, int] | None = None,
+        replayed_devices: Collection[str] | None = None,
+        cutoff: int = 0,
+    ) -> None:
+        """Put a replay in front of what was queued meanwhile, dropping queued duplicates.
+
+        A queued event of ``replayed_devices`` (all devices when ``None``) with an id at or below ``cutoff``
+        is already in the replay (ids become visible in order), so it goes.
+        """
+        head: list[WireEvent | Gap] = [Gap(*gap)] if gap else []
+        head.extend(replay)
+        kept = [
+            item
+            for item in self._items
+            if isinstance(item, Gap)
+            or item["id"] > cutoff
+            or (replayed_devices is not None and item["device"] not in replayed_devices)
+        ]
+        self._items = deque(head + kept)
+        self._events = sum(1 for item in self._items if not isinstance(item, Gap))
+        self._held = max(0, self._held - 1)
+        if self._items and not self._held:
+            self._ready.set()
+
+    async def next_frames(self) -> list[str]:
+        """Wait for something to send; return it as frames (events batched, gaps on their own)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._held or not self._items:
+                continue
+            return self._take()
+
+    def _take(self) -> list[str]:
+        frames: list[str] = []
+        batch: list[str] = []
+        taken = 0
+        while self._items and taken < self._frame_events:
+            item = self._items.popleft()
+            if isinstance(item, Gap):
+                if batch:
+                    frames.append(batch_frame(batch))
+                    batch = []
+                frames.append(gap_frame(item.first, item.last))
+                continue
+            batch.append(item["frame"])
+            self._events -= 1
+            taken += 1
+        if batch:
+            frames.append(batch_frame(batch))
+        if self._items:
+            self._ready.set()
+        return frames

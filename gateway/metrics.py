@@ -1,0 +1,16 @@
+"""The web side's Prometheus metrics."""
+
+from prometheus_client import Counter, Gauge
+
+WS_CLIENTS = Gauge("gateway_ws_clients", "Open WebSocket connections")
+WS_FRAMES = Counter("gateway_ws_frames_sent_total", "WebSocket text frames sent")
+WS_EVENTS = Counter("gateway_ws_events_sent_total", "Device events sent over WebSockets (live and replayed)")
+WS_DROPPED = Counter(
+    "gateway_ws_events_dropped_total", "Events not delivered to a socket (replaced by a gap frame), by reason", ["reason"]
+)
+WS_ERRORS = Counter("gateway_ws_errors_total", "Error frames sent in answer to bad client frames, by code", ["code"])
+WS_REFUSED = Counter("gateway_ws_refused_total", "WebSocket connections refused, by close code", ["code"])
+HUB_BATCHES = Counter("gateway_hub_batches_total", "Event batches received from the channel layer")
+HUB_LOST = Counter("gateway_hub_lost_batches_total", "Event batches lost in the channel layer (detected by sequence)")
+HUB_INVALID = Counter("gateway_hub_invalid_messages_total", "Malformed channel-layer messages ignored")
+HUB_ERRORS = Counter("gateway_hub_layer_errors_total", "Channel-layer receive failures (the hub retries)")

@@ -1,0 +1,268 @@
+"""The bridge engine: MQTT in, validated, stored in batches, acknowledged, then announced on the channel layer.
+
+Like Channels' ``Worker``, it is a plain class that takes its collaborators (a client factory, a channel layer,
+settings) and exposes ``async run()``; ``runbridge`` and ``rungateway`` are thin commands around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, OperationalError
+
+from devices.records import IngestResult, Observation, Rejection
+from gateway.events import EVENTS_GROUP, EventsPublisher
+from mqtt_bridge import metrics
+from mqtt_bridge.backoff import Backoff
+from mqtt_bridge.client import BrokerUnavailable, InboundMessage, MqttClient
+from mqtt_bridge.decoder import DecodeError, MessageDecoder
+from mqtt_bridge.ratelimit import RateLimitedLog
+from mqtt_bridge.store import BridgeStore
+from mqtt_bridge.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+LAYER_CHUNK = 500  # events per channel-layer message, to bound message size
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    name: str
+    topic_prefix: str = "devices"
+    shared_group: str | None = None
+    max_payload: int = 65536
+    auto_register: bool = True
+    max_devices: int = 10000
+    batch_max: int = 500
+    batch_linger: float = 0.005
+    heartbeat_interval: float = 5.0
+    retention_days: int = 30
+    purge_interval: float = 3600.0
+    backoff_initial: float = 0.5
+    backoff_cap: float = 30.0
+
+    @classmethod
+    def from_settings(cls, gateway: dict[str, Any], mqtt: dict[str, Any]) -> BridgeSettings:
+        return cls(
+            name=mqtt["CLIENT_ID"],
+            topic_prefix=gateway["TOPIC_PREFIX"],
+            shared_group=gateway["SHARED_GROUP"],
+            max_payload=gateway["MAX_PAYLOAD"],
+            auto_register=gateway["AUTO_REGISTER"],
+            max_devices=gateway["MAX_DEVICES"],
+            batch_max=gateway["BATCH_MAX"],
+            batch_linger=gateway["BATCH_LINGER"],
+            heartbeat_interval=gateway["HEARTBEAT_INTERVAL"],
+            retention_days=gateway["HISTORY_RETENTION_DAYS"],
+        )
+
+
+class Bridge:
+    def __init__(
+        self,
+        *,
+        client_factory: Callable[[], MqttClient],
+        channel_layer: Any,
+        settings: BridgeSettings,
+        store: BridgeStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self._client_factory = client_factory
+        self._layer = channel_layer
+        self._store = store or BridgeStore(auto_register=settings.auto_register, max_devices=settings.max_devices)
+        self._topics = Topics(settings.topic_prefix)
+        self._decoder = MessageDecoder(topics=self._topics, max_payload=settings.max_payload)
+        self._publisher = EventsPublisher(source=f"{settings.name}.{uuid.uuid4().hex[:8]}")
+        self._bad_input = RateLimitedLog(logger)
+        self._stopping = asyncio.Event()
+        self._connected = asyncio.Event()
+        self.last_error = ""
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to stop taking messages, flush what it holds, and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        helpers = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._purges())]
+        try:
+            await self._connection_loop()
+        finally:
+            for task in helpers:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self._store.heartbeat(name=self.settings.name, connected=False, detail="stopped")
+
+    async def _connection_loop(self) -> None:
+        backoff = Backoff(initial=self.settings.backoff_initial, cap=self.settings.backoff_cap)
+        while not self._stopping.is_set():
+            client = self._client_factory()
+            try:
+                async with client:
+                    await client.subscribe(self._topics.subscriptions(self.settings.shared_group))
+                    self._mark_connected(True, "")
+                    backoff.reset()
+                    logger.info("bridge %s connected to %s", self.settings.name, client.config.where)
+                    await self._consume(client)
+            except BrokerUnavailable as exc:
+                metrics.RECONNECTS.inc()
+                self.last_error = str(exc)
+                logger.warning("%s", exc)
+            finally:
+                self._mark_connected(False, self.last_error)
+            if self._stopping.is_set():
+                break
+            delay = backoff.next()
+            logger.info("reconnecting in %.1f s", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _mark_connected(self, connected: bool, detail: str) -> None:
+        (self._connected.set if connected else self._connected.clear)()
+        metrics.CONNECTED.set(1 if connected else 0)
+
+    async def _consume(self, client: MqttClient) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                batch: list[InboundMessage] = []
+                receive = asyncio.create_task(
+                    client.receive_into(batch, max_items=self.settings.batch_max, linger=self.settings.batch_linger)
+                )
+                await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, BrokerUnavailable):
+                        await receive
+                lost: BrokerUnavailable | None = None
+                if receive.done() and not receive.cancelled() and receive.exception() is not None:
+                    error = receive.exception()
+                    if not isinstance(error, BrokerUnavailable):
+                        raise error  # type: ignore[misc]
+                    lost = error
+                if batch:
+                    await self.flush(client, batch)
+                if lost is not None:
+                    raise lost
+        finally:
+            stop.cancel()
+
+    async def flush(self, client: MqttClient, batch: Sequence[InboundMessage]) -> None:
+        """Store a batch, acknowledge it, then announce what was stored."""
+        started = time.perf_counter()
+        observations = self._decode(batch)
+        result = await self._store_batch(observations)
+        if result is None:
+            return  # stopping during a database outage: unacknowledged QoS 1 messages are redelivered later
+        for message in batch:
+            client.ack(message)
+        for reason, count in result.skipped.items():
+            metrics.SKIPPED.labels(reason.value).inc(count)
+        if result.registered:
+            logger.info("registered %d new device(s): %s", len(result.registered), ", ".join(result.registered[:10]))
+        if result.stored:
+            for record in result.stored:
+                metrics.STORED.labels(record.kind.value).inc()
+            await self._announce(result)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _decode(self, batch: Sequence[InboundMessage]) -> list[Observation]:
+        observations = []
+        for message in batch:
+            try:
+                observation = self._decoder.decode(message)
+            except DecodeError as exc:
+                metrics.MESSAGES_IN.labels("invalid").inc()
+                metrics.REJECTED.labels(exc.reason).inc()
+                self._bad_input.warning(
+                    f"{exc.reason}:{exc.device or message.topic[:100]}",
+                    "dropped message on %r (device %s): %s",
+                    message.topic[:200],
+                    exc.device or "unknown",
+                    exc,
+                )
+                continue
+            metrics.MESSAGES_IN.labels(observation.kind.value).inc()
+            observations.append(observation)
+        return observations
+
+    async def _store_batch(self, observations: list[Observation]) -> IngestResult | None:
+        if not observations:
+            return IngestResult()
+        backoff = Backoff(initial=0.2, cap=5.0)
+        while True:
+            try:
+                return await self._store.ingest(observations)
+            except (OperationalError, InterfaceError) as exc:
+                metrics.STORE_RETRIES.inc()
+                self._bad_input.warning("database", "database unavailable, batch of %d held: %s", len(observations), exc)
+            except DatabaseError as exc:
+                logger.warning("batch of %d failed (%s); storing one by one", len(observations), exc)
+                return await self._store_one_by_one(observations)
+            if self._stopping.is_set():
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff.next())
+
+    async def _store_one_by_one(self, observations: list[Observation]) -> IngestResult:
+        combined = IngestResult()
+        for observation in observations:
+            try:
+                single = await self._store.ingest([observation])
+            except DatabaseError as exc:
+                combined.skip(Rejection.STORE_ERROR)
+                self._bad_input.warning(
+                    f"store:{observation.device_id}", "could not store %s from %s: %s",
+                    observation.kind.value, observation.device_id, exc,
+                )
+                continue
+            combined.stored.extend(single.stored)
+            combined.registered.extend(single.registered)
+            for reason, count in single.skipped.items():
+                combined.skip(reason, count)
+        return combined
+
+    async def _announce(self, result: IngestResult) -> None:
+        stored = result.stored
+        for start in range(0, len(stored), LAYER_CHUNK):
+            chunk = stored[start : start + LAYER_CHUNK]
+            try:
+                await self._layer.group_send(EVENTS_GROUP, self._publisher.message(chunk))
+            except Exception as exc:  # any layer failure: the events are stored, browsers resume from history
+                metrics.LAYER_FAILURES.inc(len(chunk))
+                self._bad_input.warning("layer", "channel layer send failed for %d events: %s", len(chunk), exc)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self._store.heartbeat(
+                    name=self.settings.name, connected=self.connected, detail="" if self.connected else self.last_error
+                )
+            except Exception as exc:
+                self._bad_input.warning("heartbeat", "could not record bridge heartbeat: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _purges(self) -> None:
+        await asyncio.sleep(min(60.0, self.settings.purge_interval))
+        while True:
+            try:
+                removed = await self._store.purge(retention_days=self.settings.retention_days)
+                if removed:
+                    logger.info("purged %d events older than %d days", removed, self.settings.retention_days)
+            except Exception as exc:
+                self._bad_input.warning("purge", "history purge failed: %s", exc)
+            await asyncio.sleep(self.settings.purge_interval)

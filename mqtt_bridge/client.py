@@ -1,0 +1,233 @@
+"""The MQTT client wrapper: the only module that imports aiomqtt (and reaches the paho client under it).
+
+It adds what the bridge needs and aiomqtt does not expose: manual acknowledgement of QoS 1 messages (so a message
+is acknowledged only after it is stored), batch receive, a bounded incoming queue whose drops are counted, and
+errors of our own (``BrokerUnavailable``) instead of aiomqtt's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+logger = logging.getLogger(__name__)
+
+
+class MqttError(Exception):
+    """Base class of the wrapper's errors."""
+
+
+class BrokerUnavailable(MqttError):
+    """The broker refused or lost the connection; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    host: str
+    port: int
+    client_id: str
+    protocol: str = "5"
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    session_expiry: int = 3600
+    receive_maximum: int = 1000
+    queue_max: int = 20000
+    persistent: bool = True
+
+    @classmethod
+    def from_settings(cls, mqtt: dict[str, Any]) -> MqttConfig:
+        return cls(**{
+            "host": mqtt["HOST"],
+            "port": mqtt["PORT"],
+            "client_id": mqtt["CLIENT_ID"],
+            "protocol": mqtt["PROTOCOL"],
+            "tls": mqtt["TLS"],
+            "username": mqtt["USERNAME"],
+            "password": mqtt["PASSWORD"],
+            "keepalive": mqtt["KEEPALIVE"],
+            "session_expiry": mqtt["SESSION_EXPIRY"],
+            "receive_maximum": mqtt["RECEIVE_MAXIMUM"],
+            "queue_max": mqtt["QUEUE_MAX"],
+        })
+
+    @property
+    def where(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    generation: int
+
+
+class _CountingQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, bounded; each message it has to discard is counted."""
+
+    on_drop: Callable[[], None] | None = None
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        try:
+            super().put_nowait(item)
+        except asyncio.QueueFull:
+            if self.on_drop is not None:
+                self.on_drop()
+            raise
+
+
+_generations = 0
+
+
+class MqttClient:
+    """One broker connection, used as ``async with``. Create a new one to reconnect."""
+
+    def __init__(self, config: MqttConfig, *, on_drop: Callable[[], None] | None = None) -> None:
+        global _generations
+        _generations += 1
+        self.config = config
+        self.generation = _generations
+        self._on_drop = on_drop
+        self._client: aiomqtt.Client | None = None
+        self._messages: Any = None
+
+    def _build(self) -> aiomqtt.Client:
+        config = self.config
+        queue_type = type("BridgeQueue", (_CountingQueue,), {"on_drop": staticmethod(self._on_drop) if self._on_drop else None})
+        kwargs: dict[str, Any] = {}
+        if config.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = config.session_expiry if config.persistent else 0
+            properties.ReceiveMaximum = config.receive_maximum
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=not config.persistent, properties=properties)
+        else:
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=not config.persistent)
+        client = aiomqtt.Client(
+            config.host,
+            config.port,
+            identifier=config.client_id,
+            username=config.username,
+            password=config.password,
+            keepalive=config.keepalive,
+            tls_context=ssl.create_default_context() if config.tls else None,
+            queue_type=queue_type,
+            max_queued_incoming_messages=config.queue_max,
+            timeout=10,
+            **kwargs,
+        )
+        # Acknowledge after storage: must be set before connecting, or a persistent session's queued messages are
+        # acknowledged automatically as they arrive.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def __aenter__(self) -> Self:
+        self._client = self._build()
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            self._client = None
+            raise BrokerUnavailable(f"cannot connect to {self.config.where}: {exc}") from exc
+        except OSError as exc:
+            self._client = None
+            raise BrokerUnavailable(f"cannot connect to {self.config.where}: {exc}") from exc
+        self._messages = self._client.messages.__aiter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await client.__aexit__(exc_type, exc, tb)
+        except aiomqtt.MqttError as error:
+            logger.debug("disconnect from %s: %s", self.config.where, error)
+
+    def _require(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise BrokerUnavailable(f"not connected to {self.config.where}")
+        return self._client
+
+    async def subscribe(self, filters: list[str], *, qos: int = 1) -> None:
+        client = self._require()
+        try:
+            await client.subscribe([(topic, qos) for topic in filters])
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"subscribe to {filters} on {self.config.where} failed: {exc}") from exc
+
+    async def receive_into(self, batch: list[InboundMessage], *, max_items: int, linger: float) -> None:
+        """Append at least one message to ``batch``, then what arrives within ``linger`` s, up to ``max_items``.
+
+        Appends in place so that a cancelled call leaves what it had already taken in ``batch``.
+        """
+        self._require()
+        try:
+            batch.append(self._convert(await self._messages.__anext__()))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + linger
+            while len(batch) < max_items:
+                if self._drain(batch, max_items):
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    message = await asyncio.wait_for(self._messages.__anext__(), remaining)
+                except TimeoutError:
+                    break
+                batch.append(self._convert(message))
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"connection to {self.config.where} lost: {exc}") from exc
+
+    def _drain(self, batch: list[InboundMessage], max_items: int) -> bool:
+        """Take what is already queued without a task per message (aiomqtt's iterator makes one each)."""
+        assert self._client is not None
+        queue = self._client._queue
+        taken = False
+        while len(batch) < max_items and not queue.empty():
+            batch.append(self._convert(queue.get_nowait()))
+            taken = True
+        return taken
+
+    def _convert(self, message: aiomqtt.Message) -> InboundMessage:
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        return InboundMessage(
+            topic=message.topic.value,
+            payload=bytes(payload),
+            qos=message.qos,
+            retain=message.retain,
+            mid=message.mid,
+            generation=self.generation,
+        )
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a QoS 1 message received on this connection (ids from an older one mean nothing now)."""
+        if message.qos == 0 or message.generation != self.generation or self._client is None:
+            return
+        self._client._client.ack(message.mid, message.qos)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        client = self._require()
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"publish to {topic!r} on {self.config.where} failed: {exc}") from exc
