@@ -106,7 +106,8 @@ class Hub:
         delay = 0.5
         while True:
             try:
-                self.channel_name = await self._layer.new_channel(prefix="gateway.hub")
+                if self.channel_name is None:
+                    self.channel_name = await self._layer.new_channel(prefix="gateway.hub")
                 await self._layer.group_add(EVENTS_GROUP, self.channel_name)
                 refresher = asyncio.create_task(self._refresh_membership(self.channel_name))
                 self.ready.set()
@@ -119,9 +120,10 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # Batches sent meanwhile are lost to this process; the sequence check turns them into gaps.
                 self.ready.clear()
                 metrics.HUB_ERRORS.inc()
-                logger.warning("channel layer receive failed (%s); retrying in %.1f s", exc, delay)
+                logger.warning("channel layer receive failed (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 

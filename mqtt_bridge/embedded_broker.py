@@ -36,16 +36,20 @@ class EmbeddedBroker:
     def __init__(self, *, host: str, port: int) -> None:
         self.host = host
         self.port = port
+        self._broker: Broker | None = None
+
+    async def start(self) -> None:
+        # amqtt binds the broker to the running loop when it is built, so it is built here.
         self._broker = Broker(
             {
-                "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
                 "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
             }
         )
-
-    async def start(self) -> None:
         await self._broker.start()
         logger.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
-        await self._broker.shutdown()
+        if self._broker is not None:
+            await self._broker.shutdown()
+            self._broker = None
