@@ -6,6 +6,8 @@ configuration stops start-up with one clear line.
 
 from __future__ import annotations
 
+import builtins
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +45,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
 class Env:
     """Typed access to configuration values: the process environment wins over the ``.env`` file."""
 
-    def __init__(self, environ: Mapping[str, str], dotenv: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, environ: Mapping[builtins.str, builtins.str], dotenv: Mapping[builtins.str, builtins.str] | None = None
+    ) -> None:
         self._values = {**(dotenv or {}), **environ}
 
     @classmethod
@@ -51,16 +55,16 @@ class Env:
         dotenv_path = Path(os.environ.get("GATEWAY_ENV_FILE", base_dir / ".env"))
         return cls(os.environ, read_dotenv(dotenv_path))
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: builtins.str) -> builtins.str | None:
         return self._values.get(name)
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
         value = self._values.get(name, default)
         if value is None:
             raise ImproperlyConfigured(f"{name} is required but not set")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._values.get(name)
         if value is None:
             return default
@@ -71,7 +75,14 @@ class Env:
             return False
         raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)")
 
-    def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self._values.get(name)
         if value is None or value.strip() == "":
             return default
@@ -85,7 +96,7 @@ class Env:
             raise ImproperlyConfigured(f"{name}={number} is above the maximum {maximum}")
         return number
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def float(self, name: builtins.str, default: builtins.float, *, minimum: builtins.float = 0.0) -> builtins.float:
         value = self._values.get(name)
         if value is None or value.strip() == "":
             return default
@@ -93,18 +104,20 @@ class Env:
             number = float(value.strip())
         except ValueError:
             raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ImproperlyConfigured(f"{name}={value!r} is not a finite number")
         if not number >= minimum:
             raise ImproperlyConfigured(f"{name}={number} is below the minimum {minimum}")
         return number
 
-    def list(self, name: str, default: list[str]) -> list[str]:
+    def list(self, name: builtins.str, default: builtins.list[builtins.str]) -> builtins.list[builtins.str]:
         value = self._values.get(name)
         if value is None:
             return default
         return [item.strip() for item in value.split(",") if item.strip()]
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self._values.get(name, default).strip()
+    def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
+        value = (self._values.get(name) or default).strip()
         if value not in choices:
             raise ImproperlyConfigured(f"{name}={value!r} is not one of {', '.join(choices)}")
         return value
@@ -115,7 +128,7 @@ def database_config(url: str, *, name: str = "DATABASE_URL", base_dir: Path) -> 
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         path = unquote(parts.path)
-        if path.startswith("/") and not url.startswith("sqlite:////"):
+        if path.startswith("/"):
             path = path[1:]  # sqlite:///db.sqlite3 is relative; sqlite:////abs/path is absolute
         if not path:
             raise ImproperlyConfigured(f"{name}={url!r} names no SQLite file")
@@ -135,13 +148,17 @@ def database_config(url: str, *, name: str = "DATABASE_URL", base_dir: Path) -> 
         if not dbname:
             raise ImproperlyConfigured(f"{name}={_redact(url)!r} names no database")
         options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        try:
+            port = parts.port
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}={_redact(url)!r}: port is not a number from 1 to 65535") from None
         return {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": dbname,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
-            "PORT": str(parts.port or ""),
+            "PORT": str(port or ""),
             "CONN_MAX_AGE": 60,
             "CONN_HEALTH_CHECKS": True,
             "OPTIONS": options,
@@ -173,7 +190,9 @@ def mqtt_url(url: str, *, name: str = "MQTT_URL") -> MqttUrl:
     try:
         port = parts.port
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={_redact(url)!r}: port is not a number from 1 to 65535") from None
+        port = 0
+    if port == 0:
+        raise ImproperlyConfigured(f"{name}={_redact(url)!r}: port is not a number from 1 to 65535")
     if not parts.hostname:
         raise ImproperlyConfigured(f"{name}={_redact(url)!r} names no host")
     tls = parts.scheme == "mqtts"

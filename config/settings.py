@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
@@ -113,9 +113,45 @@ else:
         }
     }
 
+
+class MqttSettings(TypedDict):
+    """``settings.MQTT``: where and how the bridge connects (from MQTT_URL and friends)."""
+
+    HOST: str
+    PORT: int
+    TLS: bool
+    USERNAME: str | None
+    PASSWORD: str | None
+    DISPLAY_URL: str
+    PROTOCOL: str
+    CLIENT_ID: str
+    KEEPALIVE: int
+    SESSION_EXPIRY: int
+    RECEIVE_MAXIMUM: int
+    QUEUE_MAX: int
+
+
+class GatewaySettings(TypedDict):
+    """``settings.GATEWAY``: the gateway's own behaviour (contract sections 1, 4 and 7)."""
+
+    TOPIC_PREFIX: str
+    SHARED_GROUP: str | None
+    MAX_PAYLOAD: int
+    HISTORY_RETENTION_DAYS: int
+    AUTO_REGISTER: bool
+    MAX_DEVICES: int
+    REPLAY_MAX: int
+    BATCH_MAX: int
+    BATCH_LINGER: float
+    WS_QUEUE_MAX: int
+    WS_FRAME_EVENTS: int
+    WS_MAX_FRAME: int
+    HEARTBEAT_INTERVAL: float
+
+
 # --- MQTT ----------------------------------------------------------------------------------------------------
 _mqtt = mqtt_url(env.str("MQTT_URL", "mqtt://127.0.0.1:1883"))
-MQTT = {
+MQTT: MqttSettings = {
     "HOST": _mqtt.host,
     "PORT": _mqtt.port,
     "TLS": _mqtt.tls,
@@ -131,7 +167,7 @@ MQTT = {
 }
 
 # --- Gateway behaviour (contract sections 1, 4 and 7) ----------------------------------------------------------
-GATEWAY = {
+GATEWAY: GatewaySettings = {
     "TOPIC_PREFIX": env.str("GATEWAY_TOPIC_PREFIX", "devices"),
     "SHARED_GROUP": env.raw("GATEWAY_MQTT_SHARED_GROUP") or None,
     "MAX_PAYLOAD": env.int("GATEWAY_MAX_PAYLOAD", 65536, minimum=64, maximum=16 * 1024 * 1024),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import QuerySet
 
 from devices.models import Device, FleetAccess
@@ -34,7 +34,7 @@ class DeviceAccess:
 NO_ACCESS = DeviceAccess(everything=False)
 
 
-def access_for(user: AbstractBaseUser | AnonymousUser) -> DeviceAccess:
+def access_for(user: User | AnonymousUser) -> DeviceAccess:
     """Compute ``user``'s access from their groups' fleet grants (one query)."""
     if not user.is_authenticated or not getattr(user, "is_active", False):
         return NO_ACCESS

@@ -6,7 +6,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -83,7 +83,7 @@ def recent_events(*, device_id: str, limit: int = 50, kinds: Collection[EventKin
     return [record_of(row) for row in rows]
 
 
-def user_for_token(*, token: str) -> AbstractBaseUser | None:
+def user_for_token(*, token: str) -> User | None:
     """The active user an unrevoked API token belongs to, or ``None``."""
     found = (
         ApiToken.objects.select_related("user")
@@ -106,7 +106,8 @@ class BridgeHealth:
 def bridge_health(*, max_age: float) -> BridgeHealth:
     """Which bridges reported a live broker connection within ``max_age`` seconds."""
     fresh_after = timezone.now() - timedelta(seconds=max_age)
-    connected, other = [], []
+    connected: list[str] = []
+    other: list[str] = []
     for beat in BridgeHeartbeat.objects.all():
         (connected if beat.connected and beat.updated_at >= fresh_after else other).append(beat.name)
     return BridgeHealth(connected=connected, stale_or_disconnected=other)

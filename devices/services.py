@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -79,7 +79,11 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
             )
     result.stored = [
         EventRecord(
-            id=row.id, device_id=row.device_id, kind=EventKind(row.kind), ts=row.ts, body=row.body,
+            id=row.id,
+            device_id=row.device_id,
+            kind=EventKind(row.kind),
+            ts=row.ts,
+            body=row.body,
             device_ts=row.device_ts,
         )
         for row in rows
@@ -139,7 +143,9 @@ def purge_history(*, older_than: float) -> int:
     total = 0
     while True:
         with transaction.atomic():
-            ids = list(Event.objects.filter(ts__lt=older_than).order_by("id").values_list("id", flat=True)[:_PURGE_CHUNK])
+            ids = list(
+                Event.objects.filter(ts__lt=older_than).order_by("id").values_list("id", flat=True)[:_PURGE_CHUNK]
+            )
             if not ids:
                 return total
             Event.objects.filter(id__in=ids).delete()
@@ -156,7 +162,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue_token(*, user: AbstractBaseUser, name: str = "") -> str:
+def issue_token(*, user: User, name: str = "") -> str:
     """Create an API token for ``user`` and return it; only its hash is kept."""
     token = "gw_" + secrets.token_urlsafe(32)
     ApiToken.objects.create(user=user, name=name, prefix=token[:8], key_hash=hash_token(token))
@@ -173,5 +179,5 @@ def ensure_operator(*, username: str) -> str | None:
     if user_model._default_manager.filter(username=username).exists():
         return None
     password = secrets.token_urlsafe(12)
-    user_model._default_manager.create_superuser(username=username, email="", password=password)  # type: ignore[attr-defined]
+    user_model._default_manager.create_superuser(username=username, email="", password=password)
     return password

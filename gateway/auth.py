@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.request import validate_host
 
 from devices import selectors
+from gateway.db import db_call
 
 SESSION = "session"
 TOKEN = "token"
@@ -20,15 +20,15 @@ TOKEN = "token"
 def token_from_scope(scope: dict[str, Any]) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, credential = value.decode("latin-1").partition(" ")
+            scheme, _, credential = bytes(value).decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and credential.strip():
-                return credential.strip()
+                return str(credential.strip())
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     tokens = query.get("token")
     return tokens[-1] if tokens else None
 
 
-@database_sync_to_async
+@db_call
 def _user_for_token(token: str) -> Any:
     return selectors.user_for_token(token=token) or AnonymousUser()
 

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import orjson
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -23,6 +22,7 @@ from devices.identifiers import is_device_id
 from devices.permissions import DeviceAccess, access_for
 from gateway import metrics
 from gateway.auth import SESSION, origin_allowed
+from gateway.db import db_call
 from gateway.events import PROTOCOL_VERSION, WireEvent, wire_event
 from gateway.feed import SocketFeed
 from gateway.hub import Hub
@@ -120,7 +120,10 @@ class EventsConsumer(AsyncWebsocketConsumer):
             await self._error("bad_frame", "binary frames are not supported; send JSON text")
             return
         if len(text_data) > settings.GATEWAY["WS_MAX_FRAME"]:
-            await self._error("too_large", f"frame of {len(text_data)} characters exceeds {settings.GATEWAY['WS_MAX_FRAME']}")
+            await self._error(
+                "too_large",
+                f"frame of {len(text_data)} characters exceeds {settings.GATEWAY['WS_MAX_FRAME']}",
+            )
             return
         try:
             frame = orjson.loads(text_data)
@@ -132,15 +135,21 @@ class EventsConsumer(AsyncWebsocketConsumer):
             return
         ref = frame.get("request_id")
         op = frame.get("op")
-        handler = {
-            "subscribe": self.op_subscribe,
-            "unsubscribe": self.op_unsubscribe,
-            "resume": self.op_resume,
-            "ping": self.op_ping,
-            "command": self.op_command,
-        }.get(op) if isinstance(op, str) else None
+        handler = (
+            {
+                "subscribe": self.op_subscribe,
+                "unsubscribe": self.op_unsubscribe,
+                "resume": self.op_resume,
+                "ping": self.op_ping,
+                "command": self.op_command,
+            }.get(op)
+            if isinstance(op, str)
+            else None
+        )
         if handler is None:
-            await self._error("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe, resume, command or ping", ref)
+            await self._error(
+                "unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe, resume, command or ping", ref
+            )
             return
         try:
             await handler(frame)
@@ -243,16 +252,16 @@ def _wildcard_devices(access: DeviceAccess) -> set[str] | None:
     return None if access.everything else set(access.viewable)
 
 
-@database_sync_to_async
+@db_call
 def _access_and_last_id(user: Any) -> tuple[DeviceAccess, int]:
     return access_for(user), selectors.last_event_id()
 
 
-@database_sync_to_async
+@db_call
 def _visible(access: DeviceAccess, devices: list[str]) -> set[str]:
     return selectors.visible_device_ids(access=access, candidates=[d for d in devices if is_device_id(d)])
 
 
-@database_sync_to_async
+@db_call
 def _events_after(after: int, devices: set[str] | None, limit: int) -> selectors.Replay:
     return selectors.events_after(after=after, device_ids=devices, limit=limit)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
 import orjson
 
@@ -20,14 +20,15 @@ PROTOCOL_VERSION = 1
 
 # Channels' rule for group names (channels.layers.BaseChannelLayer): ASCII letters, digits, -, _ and . only,
 # shorter than 100 characters.
-_GROUP_NAME_RE = re.compile(r"^[a-zA-Z\d\-_.]+$")
+# Matched with fullmatch: Channels' own ``^...$`` with ``\d`` also lets a trailing newline and non-ASCII digits in.
+_GROUP_NAME_RE = re.compile(r"[a-zA-Z0-9\-_.]+")
 _GROUP_NAME_MAX = 100
 
 
 def group_name(*parts: str) -> str:
     """Join ``parts`` with dots and check the result against Channels' group-name rule."""
     name = ".".join(parts)
-    if not parts or len(name) >= _GROUP_NAME_MAX or not _GROUP_NAME_RE.match(name):
+    if not parts or len(name) >= _GROUP_NAME_MAX or not _GROUP_NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid channel-layer group name {name!r}: ASCII letters, digits, - _ . only, under {_GROUP_NAME_MAX}"
         )
@@ -37,7 +38,7 @@ def group_name(*parts: str) -> str:
 EVENTS_GROUP = group_name("gateway", "events")
 """Every stored device event, in batches; one member per web process."""
 
-EVENTS_MESSAGE_TYPE = "gateway.events"
+EVENTS_MESSAGE_TYPE: Final = "gateway.events"
 
 
 class WireEvent(TypedDict):
@@ -61,7 +62,12 @@ class EventsMessage(TypedDict):
 
 def event_frame(record: EventRecord) -> dict[str, Any]:
     """The WebSocket frame (contract section 3) for one stored event."""
-    frame: dict[str, Any] = {"type": record.kind.value, "id": record.id, "device": record.device_id, "ts": record.ts}
+    frame: dict[str, Any] = {
+        "type": record.kind.value,
+        "id": record.id,
+        "device": record.device_id,
+        "ts": record.ts,
+    }
     if record.device_ts is not None:
         frame["device_ts"] = record.device_ts
     frame.update(record.body)
@@ -100,9 +106,21 @@ def parse_events_message(message: dict[str, Any]) -> EventsMessage:
         raise ValueError(f"not a {EVENTS_MESSAGE_TYPE} message: type {message.get('type')!r}")
     if not isinstance(message.get("events"), list) or not isinstance(message.get("source"), str):
         raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: keys {sorted(message)!r}")
-    if not isinstance(message.get("seq"), int) or not isinstance(message.get("prev_id"), int):
+    if not all(_is_int(message.get(key)) for key in ("seq", "prev_id")):
         raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: seq/prev_id not integers")
+    for event in message["events"]:
+        if not (
+            isinstance(event, dict)
+            and _is_int(event.get("id"))
+            and isinstance(event.get("device"), str)
+            and isinstance(event.get("frame"), str)
+        ):
+            raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: bad event {str(event)[:80]}")
     return message  # type: ignore[return-value]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- Frames the web side writes (server -> browser) -----------------------------------------------------------

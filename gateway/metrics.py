@@ -6,7 +6,9 @@ WS_CLIENTS = Gauge("gateway_ws_clients", "Open WebSocket connections")
 WS_FRAMES = Counter("gateway_ws_frames_sent_total", "WebSocket text frames sent")
 WS_EVENTS = Counter("gateway_ws_events_sent_total", "Device events sent over WebSockets (live and replayed)")
 WS_DROPPED = Counter(
-    "gateway_ws_events_dropped_total", "Events not delivered to a socket (replaced by a gap frame), by reason", ["reason"]
+    "gateway_ws_events_dropped_total",
+    "Events not delivered to a socket (replaced by a gap frame), by reason",
+    ["reason"],
 )
 WS_ERRORS = Counter("gateway_ws_errors_total", "Error frames sent in answer to bad client frames, by code", ["code"])
 WS_REFUSED = Counter("gateway_ws_refused_total", "WebSocket connections refused, by close code", ["code"])

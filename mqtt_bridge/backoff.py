@@ -17,7 +17,7 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def ceiling(self) -> float:
-        return min(self.cap, self.initial * (2 ** min(self.attempt, 32)))
+        return min(self.cap, self.initial * float(2 ** min(self.attempt, 32)))
 
     def next(self) -> float:
         delay = self._rng.uniform(self.initial / 2, self.ceiling())

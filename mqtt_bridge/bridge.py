@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ class BridgeSettings:
     backoff_cap: float = 30.0
 
     @classmethod
-    def from_settings(cls, gateway: dict[str, Any], mqtt: dict[str, Any]) -> BridgeSettings:
+    def from_settings(cls, gateway: Mapping[str, Any], mqtt: Mapping[str, Any]) -> BridgeSettings:
         return cls(
             name=mqtt["CLIENT_ID"],
             topic_prefix=gateway["TOPIC_PREFIX"],
@@ -209,7 +209,9 @@ class Bridge:
                 return await self._store.ingest(observations)
             except (OperationalError, InterfaceError) as exc:
                 metrics.STORE_RETRIES.inc()
-                self._bad_input.warning("database", "database unavailable, batch of %d held: %s", len(observations), exc)
+                self._bad_input.warning(
+                    "database", "database unavailable, batch of %d held: %s", len(observations), exc
+                )
             except DatabaseError as exc:
                 logger.warning("batch of %d failed (%s); storing one by one", len(observations), exc)
                 return await self._store_one_by_one(observations)
@@ -226,8 +228,11 @@ class Bridge:
             except DatabaseError as exc:
                 combined.skip(Rejection.STORE_ERROR)
                 self._bad_input.warning(
-                    f"store:{observation.device_id}", "could not store %s from %s: %s",
-                    observation.kind.value, observation.device_id, exc,
+                    f"store:{observation.device_id}",
+                    "could not store %s from %s: %s",
+                    observation.kind.value,
+                    observation.device_id,
+                    exc,
                 )
                 continue
             combined.stored.extend(single.stored)
@@ -250,7 +255,9 @@ class Bridge:
         while True:
             try:
                 await self._store.heartbeat(
-                    name=self.settings.name, connected=self.connected, detail="" if self.connected else self.last_error
+                    name=self.settings.name,
+                    connected=self.connected,
+                    detail="" if self.connected else self.last_error,
                 )
             except Exception as exc:
                 self._bad_input.warning("heartbeat", "could not record bridge heartbeat: %s", exc)

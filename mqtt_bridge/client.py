@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -46,20 +46,22 @@ class MqttConfig:
     persistent: bool = True
 
     @classmethod
-    def from_settings(cls, mqtt: dict[str, Any]) -> MqttConfig:
-        return cls(**{
-            "host": mqtt["HOST"],
-            "port": mqtt["PORT"],
-            "client_id": mqtt["CLIENT_ID"],
-            "protocol": mqtt["PROTOCOL"],
-            "tls": mqtt["TLS"],
-            "username": mqtt["USERNAME"],
-            "password": mqtt["PASSWORD"],
-            "keepalive": mqtt["KEEPALIVE"],
-            "session_expiry": mqtt["SESSION_EXPIRY"],
-            "receive_maximum": mqtt["RECEIVE_MAXIMUM"],
-            "queue_max": mqtt["QUEUE_MAX"],
-        })
+    def from_settings(cls, mqtt: Mapping[str, Any]) -> MqttConfig:
+        return cls(
+            **{
+                "host": mqtt["HOST"],
+                "port": mqtt["PORT"],
+                "client_id": mqtt["CLIENT_ID"],
+                "protocol": mqtt["PROTOCOL"],
+                "tls": mqtt["TLS"],
+                "username": mqtt["USERNAME"],
+                "password": mqtt["PASSWORD"],
+                "keepalive": mqtt["KEEPALIVE"],
+                "session_expiry": mqtt["SESSION_EXPIRY"],
+                "receive_maximum": mqtt["RECEIVE_MAXIMUM"],
+                "queue_max": mqtt["QUEUE_MAX"],
+            }
+        )
 
     @property
     def where(self) -> str:
@@ -107,7 +109,11 @@ class MqttClient:
 
     def _build(self) -> aiomqtt.Client:
         config = self.config
-        queue_type = type("BridgeQueue", (_CountingQueue,), {"on_drop": staticmethod(self._on_drop) if self._on_drop else None})
+        queue_type = type(
+            "BridgeQueue",
+            (_CountingQueue,),
+            {"on_drop": staticmethod(self._on_drop) if self._on_drop else None},
+        )
         kwargs: dict[str, Any] = {}
         if config.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

@@ -46,7 +46,10 @@ class MessageDecoder:
             if parsed.channel is Channel.STATUS:
                 online = parse_status(message.payload, max_payload=self._max_payload)
                 return Observation(
-                    device_id=device_id, kind=EventKind.STATUS, received_at=received_at, body={"online": online}
+                    device_id=device_id,
+                    kind=EventKind.STATUS,
+                    received_at=received_at,
+                    body={"online": online},
                 )
             event = parse_event(message.payload, max_payload=self._max_payload)
         except PayloadError as exc:

@@ -14,8 +14,7 @@ from amqtt.broker import Broker
 
 logger = logging.getLogger(__name__)
 
-_CONNECT_311 = bytes(
-    [0x10, 0x17, 0x00, 0x04]) + b"MQTT" + bytes([0x04, 0x02, 0x00, 0x05, 0x00, 0x0B]) + b"gw-probe-01"
+_CONNECT_311 = bytes([0x10, 0x17, 0x00, 0x04]) + b"MQTT" + bytes([0x04, 0x02, 0x00, 0x05, 0x00, 0x0B]) + b"gw-probe-01"
 
 
 def broker_answers(host: str, port: int, *, timeout: float = 1.0) -> bool:

@@ -14,7 +14,7 @@ from mqtt_bridge.client import MqttClient, MqttConfig
 
 def bridge_from_settings(*, channel_layer: Any = None, protocol: str | None = None) -> Bridge:
     """A bridge configured by ``settings.MQTT`` and ``settings.GATEWAY``; ``protocol`` overrides MQTT_PROTOCOL."""
-    mqtt = dict(settings.MQTT)
+    mqtt: dict[str, Any] = dict(settings.MQTT)
     if protocol is not None:
         mqtt["PROTOCOL"] = protocol
     config = MqttConfig.from_settings(mqtt)

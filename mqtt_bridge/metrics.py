@@ -14,7 +14,9 @@ RECONNECTS = Counter("gateway_mqtt_reconnects_total", "Broker connections lost o
 STORE_RETRIES = Counter("gateway_store_retries_total", "Batch writes retried because the database was unavailable")
 CONNECTED = Gauge("gateway_mqtt_connected", "1 while the bridge holds a broker connection")
 BATCH_SIZE = Histogram(
-    "gateway_ingest_batch_size", "Messages per ingest batch", buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
+    "gateway_ingest_batch_size",
+    "Messages per ingest batch",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
 )
 BATCH_SECONDS = Histogram(
     "gateway_ingest_batch_seconds",

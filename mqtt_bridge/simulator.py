@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_bridge.topics import Channel, Topics
 
@@ -54,7 +55,7 @@ class SimulatedDevice:
         self.rng = rng
         self.state = DeviceState(device_id=device_id, temp=rng.uniform(18, 24), hum=rng.uniform(30, 60))
         version = mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}", protocol=version)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device_id}", protocol=version)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
         if config.tls:
@@ -84,15 +85,25 @@ class SimulatedDevice:
         s.battery = max(0.0, s.battery - 0.001)
         wave = math.sin(now / 30 + s.phase * 6.28)
         return orjson.dumps(
-            {"ts": round(now, 3), "seq": s.seq, "temp": round(s.temp + wave, 2), "hum": round(s.hum, 1),
-             "battery": round(s.battery, 2), "power": {"volts": round(3.3 + wave / 10, 3)}}
+            {
+                "ts": round(now, 3),
+                "seq": s.seq,
+                "temp": round(s.temp + wave, 2),
+                "hum": round(s.hum, 1),
+                "battery": round(s.battery, 2),
+                "power": {"volts": round(3.3 + wave / 10, 3)},
+            }
         )
 
     def event(self) -> bytes:
         severity = self.rng.choice(["info", "warning", "warning", "critical"])
         return orjson.dumps(
-            {"name": "threshold", "severity": severity, "message": f"temperature {self.state.temp:.1f} C",
-             "metric": "temp"}
+            {
+                "name": "threshold",
+                "severity": severity,
+                "message": f"temperature {self.state.temp:.1f} C",
+                "metric": "temp",
+            }
         )
 
     def publish(self, channel: Channel, payload: bytes) -> None:

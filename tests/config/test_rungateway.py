@@ -9,6 +9,7 @@ import time
 import uuid
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 import pytest
 from django.contrib.auth import get_user_model
 from websockets.sync.client import connect
@@ -53,8 +54,8 @@ def events_until(ws, predicate, timeout: float = 10.0) -> list[dict]:
     raise AssertionError(f"no matching event within {timeout} s; saw {seen[-5:]}")
 
 
-def publish(port: int, topic: str, payload: bytes, protocol: int) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}", protocol=protocol)
+def publish(port: int, topic: str, payload: bytes, protocol: MQTTProtocolVersion) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}", protocol=protocol)
     client.connect("127.0.0.1", port)
     client.loop_start()
     client.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -65,8 +66,13 @@ def publish(port: int, topic: str, payload: bytes, protocol: int) -> None:
 def test_one_command_with_the_embedded_broker_and_demo_devices():
     broker_port = free_port()
     process, web = start(
-        "--embedded-broker", "--demo", "3", "--demo-rate", "5",
-        MQTT_URL=f"mqtt://127.0.0.1:{broker_port}", GATEWAY_MQTT_CLIENT_ID=f"rg-{uuid.uuid4().hex[:6]}",
+        "--embedded-broker",
+        "--demo",
+        "3",
+        "--demo-rate",
+        "5",
+        MQTT_URL=f"mqtt://127.0.0.1:{broker_port}",
+        GATEWAY_MQTT_CLIENT_ID=f"rg-{uuid.uuid4().hex[:6]}",
     )
     try:
         wait_for(lambda: "Gateway console: http://localhost:" in process.log(), timeout=10, what="the console URL")
@@ -93,7 +99,8 @@ def test_embedded_broker_flag_uses_a_broker_that_already_answers():
     prefix = f"t{uuid.uuid4().hex[:8]}/devices"
     process, web = start(
         "--embedded-broker",
-        MQTT_URL=f"mqtt://127.0.0.1:{MQTT_PORT}", GATEWAY_TOPIC_PREFIX=prefix,
+        MQTT_URL=f"mqtt://127.0.0.1:{MQTT_PORT}",
+        GATEWAY_TOPIC_PREFIX=prefix,
         GATEWAY_MQTT_CLIENT_ID=f"rg-{uuid.uuid4().hex[:6]}",
     )
     try:
@@ -122,7 +129,11 @@ def test_a_broken_configuration_stops_start_up_with_one_clear_line():
     import subprocess
 
     result = subprocess.run(
-        manage("rungateway"), env=gateway_env(MQTT_URL="http://nope"), capture_output=True, text=True, timeout=30
+        manage("rungateway"),
+        env=gateway_env(MQTT_URL="http://nope"),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode != 0
     assert result.stderr.strip() == "configuration error: MQTT_URL='http://nope': scheme must be mqtt:// or mqtts://"

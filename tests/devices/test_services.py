@@ -11,7 +11,9 @@ pytestmark = pytest.mark.django_db
 
 
 def telemetry(device: str, seq: int | None = None, **values: object) -> Observation:
-    return Observation(device_id=device, kind=EventKind.TELEMETRY, received_at=time.time(), body={"values": values}, seq=seq)
+    return Observation(
+        device_id=device, kind=EventKind.TELEMETRY, received_at=time.time(), body={"values": values}, seq=seq
+    )
 
 
 def status(device: str, online: bool) -> Observation:
@@ -73,7 +75,12 @@ def test_the_device_cap_rejects_new_ids_past_it():
 
 
 def test_purge_removes_only_old_events():
-    old = Observation(device_id="a", kind=EventKind.TELEMETRY, received_at=time.time() - 40 * 86400, body={"values": {"t": 1}})
+    old = Observation(
+        device_id="a",
+        kind=EventKind.TELEMETRY,
+        received_at=time.time() - 40 * 86400,
+        body={"values": {"t": 1}},
+    )
     ingest(old, telemetry("a", t=2))
     assert services.purge_history(older_than=time.time() - 30 * 86400) == 1
     assert Event.objects.count() == 1

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.test import Client
@@ -30,7 +29,9 @@ publisher = EventsPublisher(source="tests")
 @sync_to_async
 def make_user(username: str = "op", *, superuser: bool = True) -> tuple[Any, str]:
     model = get_user_model()
-    user = (model.objects.create_superuser if superuser else model.objects.create_user)(username=username, password="pw")
+    user = (model.objects.create_superuser if superuser else model.objects.create_user)(
+        username=username, password="pw"
+    )
     return user, services.issue_token(user=user)
 
 
@@ -118,7 +119,10 @@ async def test_token_in_an_authorization_header(layer):
         ('{"op": "subscribe", "devices": ["a"], "after": true}', "bad_frame"),
         ('{"op": "resume"}', "bad_frame"),
         ('{"op": "subscribe", "devices": ["dev/+/#", "x\\u0000"]}', "unknown_device"),
-        ('{"op": "command", "device": "a", "name": "reboot", "params": {}, "request_id": "r1"}', "unsupported"),
+        (
+            '{"op": "command", "device": "a", "name": "reboot", "params": {}, "request_id": "r1"}',
+            "unsupported",
+        ),
         ('{"op": "ping", "pad": "' + "x" * 70000 + '"}', "too_large"),
     ],
 )

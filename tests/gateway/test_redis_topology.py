@@ -10,6 +10,7 @@ import urllib.request
 import uuid
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 import pytest
 import redis
 from django.contrib.auth import get_user_model
@@ -28,11 +29,16 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.mosquitto, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.redis,
+    pytest.mark.mosquitto,
+    pytest.mark.django_db(transaction=True),
+]
 
 
 def publish(topic: str, payload: bytes) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}")
     client.connect("127.0.0.1", MQTT_PORT)
     client.loop_start()
     client.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -51,17 +57,24 @@ def test_events_cross_redis_from_the_bridge_to_daphne_even_after_an_idle_spell()
     redis.Redis.from_url(redis_url).flushdb()
     prefix = f"t{uuid.uuid4().hex[:8]}/devices"
     env = gateway_env(
-        REDIS_URL=redis_url, MQTT_URL=f"mqtt://127.0.0.1:{MQTT_PORT}", GATEWAY_TOPIC_PREFIX=prefix,
+        REDIS_URL=redis_url,
+        MQTT_URL=f"mqtt://127.0.0.1:{MQTT_PORT}",
+        GATEWAY_TOPIC_PREFIX=prefix,
         GATEWAY_MQTT_CLIENT_ID=f"redis-{uuid.uuid4().hex[:6]}",
     )
     web = free_port()
     daphne = GatewayProcess(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web), "config.asgi:application"],
-        env, name="daphne",
+        env,
+        name="daphne",
     ).start()
     bridge = GatewayProcess(manage("runbridge"), env, name="runbridge").start()
     try:
-        wait_for(lambda: http_ok(f"http://127.0.0.1:{web}/readyz") or not daphne.alive(), timeout=30, what="/readyz")
+        wait_for(
+            lambda: http_ok(f"http://127.0.0.1:{web}/readyz") or not daphne.alive(),
+            timeout=30,
+            what="/readyz",
+        )
         assert daphne.alive() and bridge.alive(), daphne.log() + bridge.log()
         publish(f"{prefix}/r-1/status", b"online")
         user = get_user_model().objects.create_superuser(username="redis-op", password="x")
@@ -75,7 +88,7 @@ def test_events_cross_redis_from_the_bridge_to_daphne_even_after_an_idle_spell()
             time.sleep(6.5)
             publish(f"{prefix}/r-1/telemetry", b'{"v": 2}')
             assert next_event(ws, 10)["values"] == {"v": 2}, daphne.log()
-        with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=5) as response:
             exposition = response.read().decode()
         assert "\ngateway_hub_layer_errors_total 0.0\n" in exposition, "the hub's layer receive must not fail"
     finally:

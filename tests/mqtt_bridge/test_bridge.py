@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer
@@ -21,8 +22,8 @@ from tests.support import free_port, require_mosquitto
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
-def publisher(port: int, protocol: int = mqtt.MQTTv5) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=protocol)
+def publisher(port: int, protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=protocol)
     client.connect("127.0.0.1", port)
     client.loop_start()
     return client
@@ -41,7 +42,9 @@ def make_bridge(port: int, prefix: str, layer, *, protocol: str = "5", name: str
     return Bridge(
         client_factory=lambda: MqttClient(config),
         channel_layer=layer,
-        settings=BridgeSettings(name=name, topic_prefix=prefix, heartbeat_interval=0.2, backoff_initial=0.1, backoff_cap=0.5),
+        settings=BridgeSettings(
+            name=name, topic_prefix=prefix, heartbeat_interval=0.2, backoff_initial=0.1, backoff_cap=0.5
+        ),
     )
 
 
@@ -65,11 +68,17 @@ async def run_scenario(port: int, prefix: str, protocol: str) -> None:
         rejected_before = metrics.REJECTED.labels("not_json")._value.get()
         client = await asyncio.to_thread(publisher, port, mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
         messages = [
-            (f"{prefix}/dev-1/telemetry", b'{"temp": 21.5, "gps": {"lat": 1.5}, "seq": 1, "ts": 1700000000.5}'),
+            (
+                f"{prefix}/dev-1/telemetry",
+                b'{"temp": 21.5, "gps": {"lat": 1.5}, "seq": 1, "ts": 1700000000.5}',
+            ),
             (f"{prefix}/dev-1/telemetry", b"{not json"),
             (f"{prefix}/bad$id/telemetry", b'{"temp": 1}'),
             (f"{prefix}/dev-1/status", b"online"),
-            (f"{prefix}/dev-2/events", b'{"name": "door", "severity": "warning", "message": "open", "zone": 3}'),
+            (
+                f"{prefix}/dev-2/events",
+                b'{"name": "door", "severity": "warning", "message": "open", "zone": 3}',
+            ),
         ]
         await asyncio.to_thread(publish_all, client, messages)
         events = await collect(layer, channel, 3)
@@ -79,7 +88,9 @@ async def run_scenario(port: int, prefix: str, protocol: str) -> None:
         assert '"device_ts":1700000000.5' in frames["dev-1:telemetry"]["frame"]
         assert '"data":{"zone":3}' in frames["dev-2:event"]["frame"]
         assert metrics.REJECTED.labels("not_json")._value.get() == rejected_before + 1
-        stored = await sync_to_async(lambda: list(Event.objects.order_by("id").values_list("device_id", "kind", "seq")))()
+        stored = await sync_to_async(
+            lambda: list(Event.objects.order_by("id").values_list("device_id", "kind", "seq"))
+        )()
         assert stored == [("dev-1", "telemetry", 1), ("dev-1", "status", None), ("dev-2", "event", None)]
         device = await sync_to_async(Device.objects.get)(id="dev-1")
         assert device.online and device.latest == {"temp": 21.5, "gps.lat": 1.5}

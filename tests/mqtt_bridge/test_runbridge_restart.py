@@ -9,6 +9,7 @@ import threading
 import uuid
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 import pytest
 
 from devices.models import BridgeHeartbeat, Event
@@ -36,7 +37,7 @@ def start_bridge(port: int, prefix: str, name: str) -> GatewayProcess:
 
 
 def publish(port: int, prefix: str, count: int, start_seq: int = 1) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}")
     client.max_inflight_messages_set(100)
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -53,7 +54,7 @@ def publish(port: int, prefix: str, count: int, start_seq: int = 1) -> None:
 
 
 def stored_seqs() -> list[int]:
-    return list(Event.objects.filter(kind="telemetry").values_list("seq", flat=True))
+    return [seq for seq in Event.objects.filter(kind="telemetry").values_list("seq", flat=True) if seq is not None]
 
 
 def test_messages_published_while_the_bridge_is_stopped_arrive_once(private_mosquitto, prefix):

@@ -40,7 +40,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT for the web server")
         parser.add_argument(
-            "--embedded-broker", action="store_true",
+            "--embedded-broker",
+            action="store_true",
             help="start an MQTT broker in this process where MQTT_URL points, unless one already answers there",
         )
         parser.add_argument("--demo", type=int, default=0, metavar="N", help="also run N simulated devices")
@@ -63,9 +64,16 @@ class Command(BaseCommand):
         if options["demo"] > 0:
             self.simulator = Simulator(
                 SimulatorConfig(
-                    host=mqtt["HOST"], port=mqtt["PORT"], prefix=settings.GATEWAY["TOPIC_PREFIX"],
-                    devices=options["demo"], rate=options["demo_rate"], id_prefix="demo-", protocol=protocol,
-                    username=mqtt["USERNAME"], password=mqtt["PASSWORD"], tls=mqtt["TLS"],
+                    host=mqtt["HOST"],
+                    port=mqtt["PORT"],
+                    prefix=settings.GATEWAY["TOPIC_PREFIX"],
+                    devices=options["demo"],
+                    rate=options["demo_rate"],
+                    id_prefix="demo-",
+                    protocol=protocol,
+                    username=mqtt["USERNAME"],
+                    password=mqtt["PASSWORD"],
+                    tls=mqtt["TLS"],
                 )
             )
         self.url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}/"
@@ -88,7 +96,8 @@ class Command(BaseCommand):
 
         loop = asyncio.get_event_loop()
         self.started = loop.create_task(self._start())
-        reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+        twisted_reactor: Any = reactor  # typed as a module; it is the asyncio reactor Daphne installed
+        twisted_reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.Deferred.fromFuture(asyncio.ensure_future(self._stop()))
         )
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from django.conf import settings
@@ -22,17 +23,23 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         mqtt = settings.MQTT
         config = SimulatorConfig(
-            host=mqtt["HOST"], port=mqtt["PORT"], prefix=settings.GATEWAY["TOPIC_PREFIX"],
-            devices=options["devices"], rate=options["rate"], id_prefix=options["id_prefix"],
-            protocol=mqtt["PROTOCOL"], qos=options["qos"], username=mqtt["USERNAME"],
-            password=mqtt["PASSWORD"], tls=mqtt["TLS"], seed=options["seed"],
+            host=mqtt["HOST"],
+            port=mqtt["PORT"],
+            prefix=settings.GATEWAY["TOPIC_PREFIX"],
+            devices=options["devices"],
+            rate=options["rate"],
+            id_prefix=options["id_prefix"],
+            protocol=mqtt["PROTOCOL"],
+            qos=options["qos"],
+            username=mqtt["USERNAME"],
+            password=mqtt["PASSWORD"],
+            tls=mqtt["TLS"],
+            seed=options["seed"],
         )
         simulator = Simulator(config)
         self.stdout.write(
             f"Simulating {config.devices} devices at {config.rate:g} Hz each on {mqtt['DISPLAY_URL']} (Ctrl-C stops)"
         )
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             simulator.run(duration=options["duration"])
-        except KeyboardInterrupt:
-            pass
         self.stdout.write(f"Published {simulator.published} telemetry messages")
