@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 MAX_DEVICES_PER_FRAME = 1000
+HUB_READY_TIMEOUT = 5.0
 
 # An alias with no layer behind it: Channels then gives the consumer no channel of its own (see module doc).
 NO_CHANNEL_LAYER = "gateway.consumers-use-the-hub"
@@ -63,6 +64,11 @@ class EventsConsumer(AsyncWebsocketConsumer):
         self.feed = SocketFeed(access=access, max_events=conf["WS_QUEUE_MAX"], frame_events=conf["WS_FRAME_EVENTS"])
         self.hub = Hub.for_layer(get_channel_layer())
         self.hub.attach(self.feed)
+        try:
+            # Until the hub is in the events group, announced events would reach neither replay nor live.
+            await asyncio.wait_for(self.hub.ready.wait(), HUB_READY_TIMEOUT)
+        except TimeoutError:
+            logger.warning("channel layer not ready after %.0f s; the client will resume later", HUB_READY_TIMEOUT)
         await self.accept()
         metrics.WS_CLIENTS.inc()
         await self._send(

@@ -1,0 +1,87 @@
+import time
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.urls import reverse
+
+from devices import services
+from devices.models import Device, Event
+from devices.records import EventKind, Observation
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def operator(client):
+    user = get_user_model().objects.create_superuser(username="op", password="pw")
+    client.force_login(user)
+    return user
+
+
+def test_healthz_answers_without_login(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.content == b"ok\n"
+
+
+def test_readyz_reports_each_check_and_fails_without_a_bridge(client):
+    response = client.get("/readyz")
+    body = response.json()
+    assert response.status_code == 503 and body["ready"] is False
+    assert body["checks"]["database"]["ok"] and body["checks"]["channel_layer"]["ok"]
+    assert body["checks"]["broker"] == {"ok": False, "detail": "no bridge reports a broker connection"}
+    services.record_bridge_heartbeat(name="bridge-1", connected=True)
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["broker"]["detail"] == "connected via bridge-1"
+
+
+def test_metrics_are_prometheus_text(client):
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/plain")
+    text = response.content.decode()
+    for name in ("gateway_ws_events_dropped_total", "gateway_hub_lost_batches_total", "gateway_ws_clients"):
+        assert f"# TYPE {name} " in text
+
+
+def test_console_pages_need_a_login(client):
+    for url in ("/", "/devices/x/", "/console/state.json"):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_state_reflects_the_last_id_read_before_the_devices(client, operator):
+    observations = [
+        Observation(device_id="a", kind=EventKind.TELEMETRY, received_at=time.time(), body={"values": {"t": 1}})
+    ]
+    stored = services.ingest(observations=observations, auto_register=True, max_devices=10).stored
+    body = client.get("/console/state.json").json()
+    assert body["last_id"] == stored[0].id
+    assert body["devices"][0]["id"] == "a" and body["devices"][0]["latest"] == {"t": 1}
+
+
+def test_device_page_404s_for_unknown_devices(client, operator):
+    assert client.get("/devices/nope/").status_code == 404
+    Device.objects.create(id="dev-1")
+    assert client.get("/devices/dev-1/").status_code == 200
+
+
+def test_admin_pages_render(client, operator):
+    Device.objects.create(id="dev-1")
+    for model in ("device", "event", "fleet", "apitoken", "bridgeheartbeat"):
+        assert client.get(reverse(f"admin:devices_{model}_changelist")).status_code == 200
+
+
+def test_management_commands(capsys, operator):
+    call_command("issue_token", "op")
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("gw_") and operator.api_tokens.count() == 1
+    call_command("create_operator", "--username", "newop")
+    assert "password:" in capsys.readouterr().out
+    call_command("create_operator", "--username", "newop")
+    assert "exists" in capsys.readouterr().out
+    old = Observation(
+        device_id="a", kind=EventKind.TELEMETRY, received_at=time.time() - 90 * 86400, body={"values": {"t": 1}}
+    )
+    services.ingest(observations=[old], auto_register=True, max_devices=10)
+    call_command("purge_history")
+    assert "Removed 1 events" in capsys.readouterr().out and not Event.objects.exists()
