@@ -10,6 +10,7 @@ import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import Env, database_config, mqtt_url, redis_url
+from mqtt_bridge.topics import validate_prefix, validate_shared_group
 
 django_stubs_ext.monkeypatch()  # lets ModelAdmin[Device] and friends be subscripted at run time
 
@@ -166,10 +167,24 @@ MQTT: MqttSettings = {
     "QUEUE_MAX": env.int("GATEWAY_MQTT_QUEUE_MAX", 20000, minimum=100),
 }
 
+
 # --- Gateway behaviour (contract sections 1, 4 and 7) ----------------------------------------------------------
+def _checked(name: str, value: str | None, check: Any) -> Any:
+    try:
+        return None if value is None else check(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+
+
+_shared_group = _checked(
+    "GATEWAY_MQTT_SHARED_GROUP", env.raw("GATEWAY_MQTT_SHARED_GROUP") or None, validate_shared_group
+)
+if _shared_group and MQTT["PROTOCOL"] != "5":
+    raise ImproperlyConfigured("GATEWAY_MQTT_SHARED_GROUP needs MQTT_PROTOCOL=5 (no shared subscriptions on 3.1.1)")
+
 GATEWAY: GatewaySettings = {
-    "TOPIC_PREFIX": env.str("GATEWAY_TOPIC_PREFIX", "devices"),
-    "SHARED_GROUP": env.raw("GATEWAY_MQTT_SHARED_GROUP") or None,
+    "TOPIC_PREFIX": _checked("GATEWAY_TOPIC_PREFIX", env.str("GATEWAY_TOPIC_PREFIX", "devices"), validate_prefix),
+    "SHARED_GROUP": _shared_group,
     "MAX_PAYLOAD": env.int("GATEWAY_MAX_PAYLOAD", 65536, minimum=64, maximum=16 * 1024 * 1024),
     "HISTORY_RETENTION_DAYS": env.int("GATEWAY_HISTORY_RETENTION_DAYS", 30, minimum=1),
     "AUTO_REGISTER": env.bool("GATEWAY_AUTO_REGISTER", True),
@@ -188,7 +203,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("GATEWAY_LOG_LEVEL", "INFO")},
+    "root": {
+        "handlers": ["console"],
+        "level": env.choice("GATEWAY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    },
     "loggers": {
         "amqtt": {"level": "WARNING"},
         "transitions": {"level": "WARNING"},

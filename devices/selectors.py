@@ -52,10 +52,15 @@ def events_after(*, after: int, device_ids: Collection[str] | None, limit: int) 
         events = events.filter(device_id__in=list(device_ids))
     newest = list(events.order_by("-id")[: limit + 1])
     newest.reverse()
-    gap = None
+    gap_end = 0
     if len(newest) > limit:
         dropped = newest.pop(0)
-        gap = (after + 1, newest[0].id - 1 if newest else dropped.id)
+        gap_end = newest[0].id - 1 if newest else dropped.id
+    oldest = Event.objects.order_by("id").values_list("id", flat=True).first()
+    if oldest is not None and oldest > after + 1:
+        # Ids are never reused, so ids between ``after`` and the oldest stored one were purged (retention).
+        gap_end = max(gap_end, oldest - 1)
+    gap = (after + 1, gap_end) if gap_end > after else None
     return Replay(events=[record_of(event) for event in newest], gap=gap)
 
 

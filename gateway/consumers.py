@@ -219,8 +219,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
         replay = await _events_after(after, devices, settings.GATEWAY["REPLAY_MAX"])
         events: list[WireEvent] = [wire_event(record) for record in replay.events]
         if replay.gap is not None:
-            metrics.WS_DROPPED.labels("replay_cap").inc()
-        metrics.WS_EVENTS.inc(len(events))
+            metrics.WS_REPLAY_GAPS.inc()
         self.feed.release(
             replay=events,
             gap=replay.gap,

@@ -33,6 +33,7 @@ class SocketFeed:
         self._frame_events = frame_events
         self._items: deque[WireEvent | Gap] = deque()
         self._events = 0
+        self._replay_left = 0  # replayed events still queued: they do not count against the live bound
         self._held = 0
         self._ready = asyncio.Event()
         self.dropped = 0
@@ -43,7 +44,7 @@ class SocketFeed:
         return device_id in self.devices
 
     def push(self, event: WireEvent) -> None:
-        if self._events >= self._max:
+        if self._events - self._replay_left >= self._max:
             self._drop(event["id"], event["id"], "queue_full")
             return
         self._items.append(event)
@@ -51,13 +52,16 @@ class SocketFeed:
         if not self._held:
             self._ready.set()
 
-    def gap(self, first: int, last: int, reason: str) -> None:
+    def gap(self, first: int, last: int) -> None:
         """Mark ids ``first..last`` as missed (for example lost in the channel layer)."""
-        self._drop(first, last, reason, count=0)
+        self._add_gap(first, last)
 
-    def _drop(self, first: int, last: int, reason: str, count: int = 1) -> None:
-        metrics.WS_DROPPED.labels(reason).inc(count)
-        self.dropped += count
+    def _drop(self, first: int, last: int, reason: str) -> None:
+        metrics.WS_DROPPED.labels(reason).inc()
+        self.dropped += 1
+        self._add_gap(first, last)
+
+    def _add_gap(self, first: int, last: int) -> None:
         tail = self._items[-1] if self._items else None
         if isinstance(tail, Gap):
             tail.first, tail.last = min(tail.first, first), max(tail.last, last)
@@ -84,6 +88,7 @@ class SocketFeed:
         """
         head: list[WireEvent | Gap] = [Gap(*gap)] if gap else []
         head.extend(replay)
+        self._replay_left += len(head) - (1 if gap else 0)
         kept = [
             item
             for item in self._items
@@ -120,9 +125,11 @@ class SocketFeed:
                 continue
             batch.append(item["frame"])
             self._events -= 1
+            self._replay_left = max(0, self._replay_left - 1)
             taken += 1
         if batch:
             frames.append(batch_frame(batch))
+        metrics.WS_EVENTS.inc(taken)
         if self._items:
             self._ready.set()
         return frames

@@ -167,4 +167,4 @@ class Hub:
             if batch["prev_id"] > previous[1]:
                 logger.warning("lost %d event batch(es) from %s in the channel layer", seq - previous[0] - 1, source)
                 for feed in self._all:
-                    feed.gap(previous[1] + 1, batch["prev_id"], reason="layer_lost")
+                    feed.gap(previous[1] + 1, batch["prev_id"])

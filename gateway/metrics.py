@@ -10,6 +10,9 @@ WS_DROPPED = Counter(
     "Events not delivered to a socket (replaced by a gap frame), by reason",
     ["reason"],
 )
+WS_REPLAY_GAPS = Counter(
+    "gateway_ws_replay_gaps_total", "Replays that began with a gap (beyond GATEWAY_REPLAY_MAX or retention)"
+)
 WS_ERRORS = Counter("gateway_ws_errors_total", "Error frames sent in answer to bad client frames, by code", ["code"])
 WS_REFUSED = Counter("gateway_ws_refused_total", "WebSocket connections refused, by close code", ["code"])
 HUB_BATCHES = Counter("gateway_hub_batches_total", "Event batches received from the channel layer")

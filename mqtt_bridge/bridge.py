@@ -171,6 +171,15 @@ class Bridge:
             client.ack(message)
         for reason, count in result.skipped.items():
             metrics.SKIPPED.labels(reason.value).inc(count)
+            if reason in (Rejection.DEVICE_CAP, Rejection.UNKNOWN_DEVICE):
+                self._bad_input.warning(
+                    f"skip:{reason.value}",
+                    "dropped %d message(s) from unregistered devices (%s; auto-register %s, device cap %d)",
+                    count,
+                    reason.value,
+                    self.settings.auto_register,
+                    self.settings.max_devices,
+                )
         if result.registered:
             logger.info("registered %d new device(s): %s", len(result.registered), ", ".join(result.registered[:10]))
         if result.stored:
@@ -214,7 +223,11 @@ class Bridge:
                 )
             except DatabaseError as exc:
                 logger.warning("batch of %d failed (%s); storing one by one", len(observations), exc)
-                return await self._store_one_by_one(observations)
+                try:
+                    return await self._store_one_by_one(observations)
+                except (OperationalError, InterfaceError) as outage:
+                    metrics.STORE_RETRIES.inc()
+                    self._bad_input.warning("database", "database unavailable, batch held: %s", outage)
             if self._stopping.is_set():
                 return None
             with contextlib.suppress(TimeoutError):
@@ -225,6 +238,8 @@ class Bridge:
         for observation in observations:
             try:
                 single = await self._store.ingest([observation])
+            except (OperationalError, InterfaceError):
+                raise  # the database went away: the caller holds the whole batch and retries
             except DatabaseError as exc:
                 combined.skip(Rejection.STORE_ERROR)
                 self._bad_input.warning(

@@ -42,7 +42,9 @@ class DeviceState:
     temp: float
     hum: float
     battery: float = 100.0
-    seq: int = 0
+    # Milliseconds since the epoch: increases across runs, so a restarted simulator is not taken for a
+    # redelivery of its previous run (the gateway drops a (device, seq) it has already stored).
+    seq: int = field(default_factory=lambda: int(time.time() * 1000))
     phase: float = field(default_factory=random.random)
 
 

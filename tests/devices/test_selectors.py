@@ -67,3 +67,17 @@ def test_fleet_grants_decide_what_a_user_sees(django_user_model):
     assert access_for(root).everything and access_for(root).can_operate("zzz")
     assert selectors.visible_device_ids(access=access_for(bob), candidates=["a"]) == set()
     assert selectors.visible_device_ids(access=access, candidates=["a", "nope"]) == {"a"}
+
+
+def test_events_purged_by_retention_are_reported_as_a_gap():
+    old = [
+        Observation(device_id="a", kind=EventKind.TELEMETRY, received_at=time.time() - 90 * 86400, body={"values": {}})
+        for _ in range(3)
+    ]
+    purged = services.ingest(observations=old, auto_register=True, max_devices=10).stored
+    kept = store("a", 2)
+    services.purge_history(older_than=time.time() - 30 * 86400)
+    replay = selectors.events_after(after=purged[0].id, device_ids={"a"}, limit=100)
+    assert [e.id for e in replay.events] == kept
+    assert replay.gap == (purged[0].id + 1, kept[0] - 1)
+    assert selectors.events_after(after=purged[-1].id, device_ids={"a"}, limit=100).gap is None
