@@ -1,4 +1,4 @@
-"""Capped exponential backoff with full jitter (the AWS architecture blog's variant)."""
+"""Capped exponential backoff with jitter: never a tight loop, and reconnecting clients spread out."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import random
 
 
 class Backoff:
-    """``next()`` returns a delay in ``[0, min(cap, initial * 2**attempt)]``; ``reset()`` after a success."""
+    """``next()`` returns a delay drawn from ``[initial / 2, min(cap, initial * 2**attempt)]``; ``reset()`` after a
+    success. The floor keeps even the luckiest draw from retrying at once."""
 
     def __init__(self, *, initial: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
         if initial <= 0 or cap < initial:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,30 @@ def _load_json(payload: bytes, max_payload: int) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
+        _reject_non_finite(payload)
         raise PayloadError("not_json", f"payload is not JSON: {exc}") from None
+
+
+def _non_finite(literal: str) -> float:
+    raise PayloadError("bad_value", f"{literal} is not a finite number")
+
+
+def _parse_float(literal: str) -> float:
+    number = float(literal)
+    if not math.isfinite(number):
+        _non_finite(literal[:40])
+    return number
+
+
+def _reject_non_finite(payload: bytes) -> None:
+    """orjson refuses NaN, Infinity and numbers that overflow to infinity as "not JSON"; name them ``bad_value``
+    (only on the error path: the standard library parser accepts them, so it can tell)."""
+    try:
+        json.loads(payload, parse_constant=_non_finite, parse_float=_parse_float)
+    except PayloadError:
+        raise
+    except (ValueError, RecursionError):
+        pass
 
 
 def _check_string(value: str, where: str) -> str:
@@ -126,13 +150,15 @@ def parse_telemetry(payload: bytes, *, max_payload: int) -> Telemetry:
 
 def parse_status(payload: bytes, *, max_payload: int) -> bool:
     """``online`` / ``offline`` as plain text, or ``{"online": bool}``; returns whether the device is online."""
+    if len(payload) > max_payload:
+        raise PayloadError("too_large", f"payload of {len(payload)} bytes exceeds {max_payload}")
     text = payload.strip()
     if text == b"online":
         return True
     if text == b"offline":
         return False
-    if not text:
-        raise PayloadError("bad_status", "status payload is empty")
+    if not text.startswith(b"{"):
+        raise PayloadError("bad_status", f"status must be online, offline or {{\"online\": bool}}, got {payload[:60]!r}")
     data = _load_json(payload, max_payload)
     if isinstance(data, dict) and isinstance(data.get("online"), bool):
         return bool(data["online"])
@@ -147,7 +173,7 @@ def parse_event(payload: bytes, *, max_payload: int) -> DeviceEvent:
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_EVENT_NAME or "\x00" in name:
         raise PayloadError("bad_event_name", f"event name {name!r} must be a string of 1-{MAX_EVENT_NAME} characters")
     severity = data.get("severity")
-    if severity not in SEVERITIES:
+    if not isinstance(severity, str) or severity not in SEVERITIES:
         raise PayloadError("bad_severity", f"severity {severity!r} is not one of info, warning, critical")
     message = data.get("message")
     if message is not None:

@@ -26,12 +26,16 @@ def start_bridge(port: int, prefix: str, name: str) -> GatewayProcess:
         GATEWAY_BATCH_MAX="200",
     )
     process = GatewayProcess(manage("runbridge"), env, name="runbridge").start()
-    wait_for(
-        lambda: BridgeHeartbeat.objects.filter(name=name, connected=True).exists() or not process.alive(),
-        timeout=20,
-        what="the bridge to connect",
-    )
-    assert process.alive(), process.log()
+    try:
+        wait_for(
+            lambda: BridgeHeartbeat.objects.filter(name=name, connected=True).exists() or not process.alive(),
+            timeout=20,
+            what="the bridge to connect",
+        )
+        assert process.alive(), process.log()
+    except BaseException:
+        process.kill()
+        raise
     BridgeHeartbeat.objects.filter(name=name).delete()
     return process
 
@@ -61,7 +65,12 @@ def test_messages_published_while_the_bridge_is_stopped_arrive_once(private_mosq
     name = f"restart-{uuid.uuid4().hex[:6]}"
     bridge = start_bridge(private_mosquitto.port, prefix, name)
     publish(private_mosquitto.port, prefix, 50)
-    wait_for(lambda: len(stored_seqs()) == 50, timeout=15, what="50 events")
+    try:
+        wait_for(lambda: len(stored_seqs()) >= 50, timeout=30, what="50 events")
+    except AssertionError:
+        raise AssertionError(
+            f"stored {sorted(stored_seqs())}; all events: {list(Event.objects.values_list('kind', 'seq'))}\n{bridge.log()}"
+        ) from None
     assert bridge.kill(signal.SIGTERM) == 0, bridge.log()
     publish(private_mosquitto.port, prefix, 300, start_seq=51)  # queued by the broker for the persistent session
     assert len(stored_seqs()) == 50

@@ -1,0 +1,289 @@
+"""The operator console in a real browser: Debian's Chromium, driven by Playwright, against a real gateway
+process (``rungateway``) fed by real MQTT messages through the machine's Mosquitto."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    ROOT,
+    GatewayProcess,
+    free_port,
+    gateway_env,
+    http_ok,
+    manage,
+    require_chromium,
+    require_mosquitto,
+    wait_for,
+)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.mosquitto,
+    pytest.mark.django_db(transaction=True),
+]
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+EXPECT_TIMEOUT_MS = 10_000
+XSS_IMG = "<img src=x onerror=window.__xss=1>"
+XSS_BOLD = "<b>bold</b>"
+XSS_SCRIPT = "</script><script>window.__xss=2</script>"
+
+
+@dataclass
+class Gateway:
+    """A running ``rungateway`` with its own topic prefix, an MQTT publisher and the browser's console."""
+
+    url: str
+    prefix: str
+    process: GatewayProcess
+    publisher: object
+    browser_log: list[str] = field(default_factory=list)
+    socket_log: list[str] = field(default_factory=list)
+
+    def publish(self, device: str, channel: str, payload: object) -> None:
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        info = self.publisher.publish(f"{self.prefix}/{device}/{channel}", body, qos=1)  # type: ignore[attr-defined]
+        info.wait_for_publish(timeout=5)
+        assert info.is_published(), f"publish to {device}/{channel} was not acknowledged (rc {info.rc})"
+
+    @contextlib.contextmanager
+    def diagnosed(self) -> Iterator[None]:
+        """Re-raise any failure with the gateway's log and the browser console attached."""
+        try:
+            yield
+        except Exception as exc:
+            browser = "\n".join(self.browser_log[-50:]) or "(nothing)"
+            frames = "\n".join(self.socket_log[-40:]) or "(nothing)"
+            raise AssertionError(
+                f"{type(exc).__name__}: {exc}\n\n--- browser console ---\n{browser}"
+                f"\n\n--- WebSocket frames (last 40) ---\n{frames}"
+                f"\n\n--- gateway log ---\n{self.process.log()[-15_000:]}"
+            ) from exc
+
+    def watch(self, page) -> None:
+        """Record the page's console and its WebSocket frames, for failure messages."""
+        log, frames = self.browser_log, self.socket_log
+
+        def on_socket(ws) -> None:
+            frames.append(f"open {ws.url}")
+            ws.on("framesent", lambda payload: frames.append(f"> {str(payload)[:300]}"))
+            ws.on("framereceived", lambda payload: frames.append(f"< {str(payload)[:300]}"))
+            ws.on("close", lambda _: frames.append("closed"))
+
+        page.on("console", lambda message: log.append(f"console.{message.type}: {message.text}"))
+        page.on("pageerror", lambda error: log.append(f"page error: {error}"))
+        page.on("websocket", on_socket)
+
+
+@pytest.fixture
+def operator(transactional_db) -> tuple[str, str]:
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import PBKDF2PasswordHasher
+
+    password = uuid.uuid4().hex
+    user = get_user_model().objects.create_superuser(username="operator", email="", password=password)
+    # tests.settings hashes with MD5 for speed, but the gateway subprocess runs config.settings, which does not
+    # accept MD5 hashes: store a hash it can check.
+    hasher = PBKDF2PasswordHasher()
+    user.password = hasher.encode(password, hasher.salt())
+    user.save(update_fields=["password"])
+    return "operator", password
+
+
+@pytest.fixture
+def gateway(transactional_db) -> Iterator[Gateway]:
+    from paho.mqtt.client import CallbackAPIVersion, Client
+
+    host, mqtt_port = require_mosquitto()
+    require_chromium()  # before starting anything: skip (or fail in CI) early
+    tag = uuid.uuid4().hex[:10]
+    port = free_port()
+    process = GatewayProcess(
+        manage("rungateway", "--bind", f"127.0.0.1:{port}"),
+        gateway_env(
+            MQTT_URL=f"mqtt://{host}:{mqtt_port}",
+            GATEWAY_MQTT_CLIENT_ID=f"console-test-{tag}",
+            GATEWAY_TOPIC_PREFIX=f"t{tag}/devices",
+        ),
+        name="console-gateway",
+    ).start()
+    publisher = Client(CallbackAPIVersion.VERSION2, client_id=f"console-test-pub-{tag}")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: http_ok(f"{url}/healthz") or not process.alive(), timeout=20, what="/healthz")
+            assert process.alive(), "the gateway exited during start-up"
+            # Ready means the bridge has subscribed: only then is a message published by the test received.
+            wait_for(lambda: http_ok(f"{url}/readyz"), timeout=15, what="/readyz (bridge connected)")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- gateway log ---\n{process.log()}") from exc
+        publisher.connect(host, mqtt_port)
+        publisher.loop_start()
+        yield Gateway(url=url, prefix=f"t{tag}/devices", process=process, publisher=publisher)
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+        process.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def browser(operator, gateway):
+    # Started after the database work of the other fixtures: Playwright's sync API runs an event loop in this
+    # thread, and Django refuses ORM calls while one runs.
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=require_chromium(), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def open_console(browser, gateway: Gateway, operator: tuple[str, str]):
+    """A page logged in through the login form, on the fleet page."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(EXPECT_TIMEOUT_MS)
+    gateway.watch(page)
+    page.goto(f"{gateway.url}/")
+    expect(page).to_have_url(f"{gateway.url}/login/?next=/")
+    username, password = operator
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("form.form button[type=submit]")
+    expect(page).to_have_url(f"{gateway.url}/")
+    expect(page.locator("header")).to_contain_text("IoT Gateway")
+    expect(page.locator("header .user")).to_have_text(username)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    return page
+
+
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_fleet_and_device_pages_update_live(browser, gateway, operator):
+    from playwright.sync_api import expect
+
+    with gateway.diagnosed():
+        page = open_console(browser, gateway, operator)
+        expect(page.locator("#fleet-empty")).to_be_visible()
+
+        # A device the page has never heard of: its first message adds a row.
+        gateway.publish("dev-1", "telemetry", {"temp": 21.5})
+        row = page.locator('tr[data-device="dev-1"]')
+        temp = row.locator('[data-metric="temp"] .value')
+        expect(temp).to_have_text("21.5")
+        expect(row.locator("[data-online]")).to_have_attribute("data-online", "false")
+        expect(page.locator("#fleet-empty")).to_be_hidden()
+
+        gateway.publish("dev-1", "telemetry", {"temp": 22.75})
+        expect(temp).to_have_text("22.75")
+
+        gateway.publish("dev-1", "status", "online")
+        badge = row.locator("[data-online]")
+        expect(badge).to_have_attribute("data-online", "true")
+        expect(badge).to_have_text("online")
+        expect(row.locator(".col-seen")).to_have_text("just now")
+
+        # A second device with several metrics, so that the screenshot shows a realistic table.
+        gateway.publish("dev-2", "telemetry", {"hum": 40.1, "temp": 19, "door": "closed", "gps": {"lat": 48.85}})
+        expect(page.locator('tr[data-device="dev-2"] [data-metric="gps.lat"] .value')).to_have_text("48.85")
+        expect(page.locator("tbody#fleet-rows > tr")).to_have_count(2)
+        expect(page.locator("tbody#fleet-rows > tr").first).to_have_attribute("data-device", "dev-1")
+        expect(page.locator("#fleet-summary")).to_have_text("2 devices · 1 online")
+
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(page.locator("#connection")).to_contain_text("Live")
+        screenshot(page, "fleet.png")
+
+        # The device page: state from the server, then live updates on a socket subscribed to that device.
+        row.locator("a").first.click()
+        expect(page).to_have_url(f"{gateway.url}/devices/dev-1/")
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(page.locator("#presence")).to_have_attribute("data-online", "true")
+        expect(page.locator('#metric-rows tr[data-metric="temp"] .value')).to_have_text("22.75")
+        events = page.locator("#event-rows > tr")
+        expect(events).to_have_count(3)  # two telemetry messages and the status, newest first
+        expect(events.first).to_have_attribute("data-type", "status")
+
+        gateway.publish("dev-1", "telemetry", {"temp": 23.5, "hum": 38})
+        expect(page.locator('#metric-rows tr[data-metric="temp"] .value')).to_have_text("23.5")
+        expect(page.locator('#metric-rows tr[data-metric="hum"] .value')).to_have_text("38")
+        gateway.publish("dev-1", "events", {"name": "door_open", "severity": "warning", "message": "Door 2 opened"})
+        expect(events).to_have_count(5)
+        expect(events.first).to_have_attribute("data-type", "event")
+        expect(events.first).to_contain_text("Door 2 opened")
+        # Another device's events do not reach this page.
+        gateway.publish("dev-2", "events", {"name": "other", "severity": "info"})
+        gateway.publish("dev-1", "status", "offline")
+        expect(page.locator("#presence")).to_have_attribute("data-online", "false")
+        expect(events).to_have_count(6)
+        expect(page.locator("#event-rows")).not_to_contain_text("other")
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        screenshot(page, "device.png")
+        assert not [line for line in gateway.browser_log if line.startswith("page error")], gateway.browser_log
+
+
+def test_device_strings_are_shown_as_text_never_markup(browser, gateway, operator):
+    from playwright.sync_api import expect
+
+    with gateway.diagnosed():
+        page = open_console(browser, gateway, operator)
+
+        # Before the device page opens (so it comes from the json_script state) ...
+        gateway.publish("dev-x", "telemetry", {"label": XSS_IMG + XSS_BOLD, XSS_BOLD: 1})
+        gateway.publish("dev-x", "events", {"name": XSS_BOLD, "severity": "critical", "message": XSS_IMG})
+        gateway.publish("dev-x", "events", {"name": "script", "severity": "info", "message": XSS_SCRIPT})
+        row = page.locator('tr[data-device="dev-x"]')
+        expect(row.locator('[data-metric="label"] .value')).to_have_text(XSS_IMG + XSS_BOLD)
+        expect(row).to_contain_text(XSS_BOLD)
+        assert page.locator("#fleet img, #fleet b, #fleet script").count() == 0
+
+        page.goto(f"{gateway.url}/devices/dev-x/")
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        events = page.locator("#event-rows")
+        expect(events.locator("> tr")).to_have_count(3)
+        expect(events).to_contain_text(XSS_BOLD)
+        expect(events).to_contain_text(XSS_IMG)
+        expect(events).to_contain_text(XSS_SCRIPT)
+        expect(page.locator('#metric-rows tr[data-metric="label"] .value')).to_have_text(XSS_IMG + XSS_BOLD)
+
+        # ... and live, while it is open.
+        gateway.publish("dev-x", "events", {"name": XSS_IMG, "severity": "warning", "message": XSS_BOLD})
+        gateway.publish("dev-x", "telemetry", {"label": XSS_BOLD + XSS_SCRIPT})
+        expect(events.locator("> tr")).to_have_count(5)
+        expect(events.locator("> tr").first).to_contain_text(XSS_BOLD + XSS_SCRIPT)
+        expect(page.locator('#metric-rows tr[data-metric="label"] .value')).to_have_text(XSS_BOLD + XSS_SCRIPT)
+        expect(events.locator('> tr[data-type="event"]').nth(0)).to_contain_text(XSS_IMG)
+
+        assert page.evaluate("typeof window.__xss") == "undefined"
+        assert page.locator("#events b").count() == 0
+        assert page.locator("#events img, #metrics img, #metrics b").count() == 0
+        # The page's only scripts are the module and the JSON data block.
+        assert page.evaluate("[...document.scripts].map(s => s.type)") == ["application/json", "module"]
