@@ -52,12 +52,41 @@ XSS_SCRIPT = "</script><script>window.__xss=2</script>"
 class Gateway:
     """A running ``rungateway`` with its own topic prefix, an MQTT publisher and the browser's console."""
 
-    url: str
+    port: int
     prefix: str
-    process: GatewayProcess
+    env: dict[str, str]
     publisher: object
+    processes: list[GatewayProcess] = field(default_factory=list)
     browser_log: list[str] = field(default_factory=list)
     socket_log: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def process(self) -> GatewayProcess:
+        return self.processes[-1]
+
+    def start(self) -> None:
+        process = GatewayProcess(
+            manage("rungateway", "--bind", f"127.0.0.1:{self.port}"), self.env, name="console-gateway"
+        ).start()
+        self.processes.append(process)
+        try:
+            wait_for(lambda: http_ok(f"{self.url}/healthz") or not process.alive(), timeout=20, what="/healthz")
+            assert process.alive(), "the gateway exited during start-up"
+            # Ready means the bridge has subscribed: only then is a message published by the test received.
+            wait_for(lambda: http_ok(f"{self.url}/readyz"), timeout=15, what="/readyz (bridge connected)")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- gateway log ---\n{process.log()}") from exc
+
+    def stop(self) -> None:
+        if self.processes:
+            self.process.kill(signal.SIGTERM)
+
+    def log(self) -> str:
+        return "\n--- restarted ---\n".join(process.log() for process in self.processes)
 
     def publish(self, device: str, channel: str, payload: object) -> None:
         body = payload if isinstance(payload, str) else json.dumps(payload)
@@ -76,7 +105,7 @@ class Gateway:
             raise AssertionError(
                 f"{type(exc).__name__}: {exc}\n\n--- browser console ---\n{browser}"
                 f"\n\n--- WebSocket frames (last 40) ---\n{frames}"
-                f"\n\n--- gateway log ---\n{self.process.log()[-15_000:]}"
+                f"\n\n--- gateway log ---\n{self.log()[-15_000:]}"
             ) from exc
 
     def watch(self, page) -> None:
@@ -116,33 +145,22 @@ def gateway(transactional_db) -> Iterator[Gateway]:
     host, mqtt_port = require_mosquitto()
     require_chromium()  # before starting anything: skip (or fail in CI) early
     tag = uuid.uuid4().hex[:10]
-    port = free_port()
-    process = GatewayProcess(
-        manage("rungateway", "--bind", f"127.0.0.1:{port}"),
-        gateway_env(
-            MQTT_URL=f"mqtt://{host}:{mqtt_port}",
-            GATEWAY_MQTT_CLIENT_ID=f"console-test-{tag}",
-            GATEWAY_TOPIC_PREFIX=f"t{tag}/devices",
-        ),
-        name="console-gateway",
-    ).start()
+    env = gateway_env(
+        MQTT_URL=f"mqtt://{host}:{mqtt_port}",
+        GATEWAY_MQTT_CLIENT_ID=f"console-test-{tag}",
+        GATEWAY_TOPIC_PREFIX=f"t{tag}/devices",
+    )
     publisher = Client(CallbackAPIVersion.VERSION2, client_id=f"console-test-pub-{tag}")
+    gateway = Gateway(port=free_port(), prefix=f"t{tag}/devices", env=env, publisher=publisher)
     try:
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(lambda: http_ok(f"{url}/healthz") or not process.alive(), timeout=20, what="/healthz")
-            assert process.alive(), "the gateway exited during start-up"
-            # Ready means the bridge has subscribed: only then is a message published by the test received.
-            wait_for(lambda: http_ok(f"{url}/readyz"), timeout=15, what="/readyz (bridge connected)")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- gateway log ---\n{process.log()}") from exc
+        gateway.start()
         publisher.connect(host, mqtt_port)
         publisher.loop_start()
-        yield Gateway(url=url, prefix=f"t{tag}/devices", process=process, publisher=publisher)
+        yield gateway
     finally:
         publisher.loop_stop()
         publisher.disconnect()
-        process.kill(signal.SIGTERM)
+        gateway.stop()
 
 
 @pytest.fixture
@@ -235,10 +253,12 @@ def test_fleet_and_device_pages_update_live(browser, gateway, operator):
         gateway.publish("dev-1", "telemetry", {"temp": 23.5, "hum": 38})
         expect(page.locator('#metric-rows tr[data-metric="temp"] .value')).to_have_text("23.5")
         expect(page.locator('#metric-rows tr[data-metric="hum"] .value')).to_have_text("38")
-        gateway.publish("dev-1", "events", {"name": "door_open", "severity": "warning", "message": "Door 2 opened"})
+        door = {"name": "door_open", "severity": "warning", "message": "Door 2 opened", "door": 2}
+        gateway.publish("dev-1", "events", door)
         expect(events).to_have_count(5)
         expect(events.first).to_have_attribute("data-type", "event")
         expect(events.first).to_contain_text("Door 2 opened")
+        expect(events.first.locator(".event-data")).to_have_text('{"door":2}')
         # Another device's events do not reach this page.
         gateway.publish("dev-2", "events", {"name": "other", "severity": "info"})
         gateway.publish("dev-1", "status", "offline")
@@ -287,3 +307,38 @@ def test_device_strings_are_shown_as_text_never_markup(browser, gateway, operato
         assert page.locator("#events img, #metrics img, #metrics b").count() == 0
         # The page's only scripts are the module and the JSON data block.
         assert page.evaluate("[...document.scripts].map(s => s.type)") == ["application/json", "module"]
+
+
+def test_console_reconnects_and_resumes_without_loss_or_duplicates(browser, gateway, operator):
+    from playwright.sync_api import expect
+
+    with gateway.diagnosed():
+        page = open_console(browser, gateway, operator)
+        gateway.publish("dev-r", "telemetry", {"n": 0})
+        expect(page.locator('tr[data-device="dev-r"] [data-metric="n"] .value')).to_have_text("0")
+        page.goto(f"{gateway.url}/devices/dev-r/")
+        connection = page.locator("#connection")
+        expect(connection).to_have_attribute("data-state", "live")
+
+        last_seen = int(page.locator("#event-rows > tr").first.get_attribute("data-id") or 0)
+        frames_before = len(gateway.socket_log)
+
+        # The gateway goes away; the bridge's persistent MQTT session keeps what devices send meanwhile.
+        gateway.stop()
+        expect(connection).to_have_attribute("data-state", "reconnecting")
+        for n in range(1, 6):
+            gateway.publish("dev-r", "telemetry", {"n": n})
+        gateway.start()
+
+        # The page reconnects by itself and resumes after the last id it saw: every event once, none twice.
+        expect(connection).to_have_attribute("data-state", "live", timeout=20_000)
+        expect(page.locator('#metric-rows tr[data-metric="n"] .value')).to_have_text("5")
+        rows = page.locator('#event-rows > tr[data-type="telemetry"]')
+        expect(rows).to_have_count(6)
+        shown = rows.locator('[class="value"]').all_text_contents()
+        assert shown == ["5", "4", "3", "2", "1", "0"], shown
+        ids = page.locator("#event-rows > tr").evaluate_all("rows => rows.map(row => Number(row.dataset.id))")
+        assert ids == sorted(set(ids), reverse=True), ids
+        sent = [json.loads(line[2:]) for line in gateway.socket_log[frames_before:] if line.startswith("> ")]
+        resubscribed = [frame for frame in sent if frame.get("op") == "subscribe"]
+        assert resubscribed == [{"op": "subscribe", "devices": ["dev-r"], "after": last_seen}], resubscribed
