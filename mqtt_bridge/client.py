@@ -8,6 +8,7 @@ errors of our own (``BrokerUnavailable``) instead of aiomqtt's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -106,6 +107,7 @@ class MqttClient:
         self._on_drop = on_drop
         self._client: aiomqtt.Client | None = None
         self._messages: Any = None
+        self._pending: asyncio.Future[aiomqtt.Message] | None = None
 
     def _build(self) -> aiomqtt.Client:
         config = self.config
@@ -157,6 +159,12 @@ class MqttClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         client, self._client = self._client, None
+        if self._pending is not None:
+            # Closing: an unacknowledged QoS 1 message it may hold is redelivered on the next connection.
+            self._pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._pending
+            self._pending = None
         if client is None:
             return
         try:
@@ -179,11 +187,14 @@ class MqttClient:
     async def receive_into(self, batch: list[InboundMessage], *, max_items: int, linger: float) -> None:
         """Append at least one message to ``batch``, then what arrives within ``linger`` s, up to ``max_items``.
 
-        Appends in place so that a cancelled call leaves what it had already taken in ``batch``.
+        Appends in place, so a cancelled call leaves what it had already taken in ``batch``; a message being
+        fetched when the call is cancelled or times out is kept for the next call, never dropped.
         """
         self._require()
         try:
-            batch.append(self._convert(await self._messages.__anext__()))
+            first = await self._next(within=None)
+            assert first is not None
+            batch.append(self._convert(first))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + linger
             while len(batch) < max_items:
@@ -192,13 +203,23 @@ class MqttClient:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                try:
-                    message = await asyncio.wait_for(self._messages.__anext__(), remaining)
-                except TimeoutError:
+                message = await self._next(within=remaining)
+                if message is None:
                     break
                 batch.append(self._convert(message))
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"connection to {self.config.where} lost: {exc}") from exc
+
+    async def _next(self, *, within: float | None) -> aiomqtt.Message | None:
+        """The next message, or ``None`` after ``within`` seconds. Unlike ``wait_for`` around the iterator, a timeout or
+        cancellation never cancels a fetch that already took a message off the queue: it stays pending."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._messages.__anext__())
+        done, _ = await asyncio.wait({self._pending}, timeout=within)
+        if not done:
+            return None
+        task, self._pending = self._pending, None
+        return task.result()
 
     def _drain(self, batch: list[InboundMessage], max_items: int) -> bool:
         """Take what is already queued without a task per message (aiomqtt's iterator makes one each)."""

@@ -158,11 +158,11 @@ def parse_status(payload: bytes, *, max_payload: int) -> bool:
     if text == b"offline":
         return False
     if not text.startswith(b"{"):
-        raise PayloadError("bad_status", f"status must be online, offline or {{\"online\": bool}}, got {payload[:60]!r}")
+        raise PayloadError("bad_status", f'status must be online, offline or {{"online": bool}}, got {payload[:60]!r}')
     data = _load_json(payload, max_payload)
     if isinstance(data, dict) and isinstance(data.get("online"), bool):
         return bool(data["online"])
-    raise PayloadError("bad_status", f"status must be online, offline or {{\"online\": bool}}, got {payload[:60]!r}")
+    raise PayloadError("bad_status", f'status must be online, offline or {{"online": bool}}, got {payload[:60]!r}')
 
 
 def parse_event(payload: bytes, *, max_payload: int) -> DeviceEvent:

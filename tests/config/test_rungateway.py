@@ -9,9 +9,9 @@ import time
 import uuid
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 import pytest
 from django.contrib.auth import get_user_model
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from websockets.sync.client import connect
 
 from devices import services

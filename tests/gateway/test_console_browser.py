@@ -140,7 +140,8 @@ def operator(transactional_db) -> tuple[str, str]:
 
 @pytest.fixture
 def gateway(transactional_db) -> Iterator[Gateway]:
-    from paho.mqtt.client import CallbackAPIVersion, Client
+    from paho.mqtt.client import Client
+    from paho.mqtt.enums import CallbackAPIVersion
 
     host, mqtt_port = require_mosquitto()
     require_chromium()  # before starting anything: skip (or fail in CI) early

@@ -44,7 +44,7 @@ def new_feed(hub, access=EVERYTHING, max_events=100):
 
 async def drain(socket_feed):
     """Everything the feed hands out now, as ``("events", [ids])`` / ``("gap", from, to)`` items."""
-    out = []
+    out: list[tuple[object, ...]] = []
     while True:
         try:
             frames = await asyncio.wait_for(socket_feed.next_frames(), 0.01)

@@ -10,10 +10,10 @@ import urllib.request
 import uuid
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 import pytest
 import redis
 from django.contrib.auth import get_user_model
+from paho.mqtt.enums import CallbackAPIVersion
 from websockets.sync.client import connect
 
 from devices import services

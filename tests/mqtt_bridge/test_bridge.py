@@ -6,10 +6,10 @@ import asyncio
 import uuid
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from devices.models import BridgeHeartbeat, Device, Event
 from gateway.events import EVENTS_GROUP

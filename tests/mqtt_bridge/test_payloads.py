@@ -88,7 +88,7 @@ def test_telemetry_flattens_up_to_four_levels():
 
 
 def test_telemetry_limits_are_inclusive():
-    values = {f"m{index}": index for index in range(MAX_METRICS)}
+    values: dict[str, object] = {f"m{index}": index for index in range(MAX_METRICS)}
     values["x" * 128] = "y" * 1024
     del values["m0"]
     parsed = telemetry(values)
@@ -217,7 +217,7 @@ def test_status_accepted(payload, online):
         pytest.param(b"[true]", MAX, "bad_status", id="array"),
         pytest.param(b"ONLINE", MAX, "bad_status", id="uppercase"),
         pytest.param(b"\xff", MAX, "bad_status", id="not_utf8_text"),
-        pytest.param(b"{\"online\": \"\xff\"}", MAX, "not_utf8", id="not_utf8_json"),
+        pytest.param(b'{"online": "\xff"}', MAX, "not_utf8", id="not_utf8_json"),
         pytest.param(b'{"online": true}', 8, "too_large", id="too_large_json"),
         pytest.param(b" " * 100 + b"online", 64, "too_large", id="too_large_plain_text"),
     ],

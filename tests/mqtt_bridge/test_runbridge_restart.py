@@ -9,8 +9,8 @@ import threading
 import uuid
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.models import BridgeHeartbeat, Event
 from tests.support import GatewayProcess, gateway_env, manage, wait_for
@@ -69,7 +69,7 @@ def test_messages_published_while_the_bridge_is_stopped_arrive_once(private_mosq
         wait_for(lambda: len(stored_seqs()) >= 50, timeout=30, what="50 events")
     except AssertionError:
         raise AssertionError(
-            f"stored {sorted(stored_seqs())}; all events: {list(Event.objects.values_list('kind', 'seq'))}\n{bridge.log()}"
+            f"stored {sorted(stored_seqs())}; all: {list(Event.objects.values_list('kind', 'seq'))}\n{bridge.log()}"
         ) from None
     assert bridge.kill(signal.SIGTERM) == 0, bridge.log()
     publish(private_mosquitto.port, prefix, 300, start_seq=51)  # queued by the broker for the persistent session
