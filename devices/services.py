@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from devices.models import ApiToken, BridgeHeartbeat, Device, Event
@@ -71,12 +72,7 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
                 )
             )
         Event.objects.bulk_create(rows, batch_size=500)
-        if changed:
-            Device.objects.bulk_update(
-                list(changed.values()),
-                ["last_seen", "online", "status_changed_at", "latest", "latest_ts"],
-                batch_size=500,
-            )
+        _save_device_state(changed.values())
     result.stored = [
         EventRecord(
             id=row.id,
@@ -107,14 +103,38 @@ def _devices_for(
     return devices
 
 
+_DEVICE_STATE_FIELDS = ("last_seen", "online", "status_changed_at", "latest", "latest_ts")
+
+
+def _save_device_state(devices: Iterable[Device]) -> None:
+    """One prepared UPDATE run for every changed device (``bulk_update`` builds a CASE per field and row, which
+    cost more than everything else in ingest)."""
+    fields = [cast("Field[Any, Any]", Device._meta.get_field(name)) for name in _DEVICE_STATE_FIELDS]
+    table = connection.ops.quote_name(Device._meta.db_table)
+    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in fields)
+    params = [
+        [f.get_db_prep_save(getattr(device, f.attname), connection) for f in fields] + [device.id] for device in devices
+    ]
+    if params:
+        with connection.cursor() as cursor:
+            cursor.executemany(f"UPDATE {table} SET {assignments} WHERE {connection.ops.quote_name('id')} = %s", params)  # noqa: S608 (names from the model, values as parameters)
+
+
 def _stored_seqs(observations: Sequence[Observation]) -> set[tuple[str, int]]:
-    pairs = [(obs.device_id, obs.seq) for obs in observations if obs.seq is not None]
+    """Which ``(device, seq)`` pairs of the batch are already stored (one indexed row-value lookup)."""
+    pairs = list({(obs.device_id, obs.seq) for obs in observations if obs.seq is not None})
     if not pairs:
         return set()
-    found = Event.objects.filter(
-        device_id__in={device for device, _ in pairs}, seq__in={seq for _, seq in pairs}
-    ).values_list("device_id", "seq")
-    return {(device_id, seq) for device_id, seq in found if seq is not None}
+    found: set[tuple[str, int]] = set()
+    table = connection.ops.quote_name(Event._meta.db_table)
+    for start in range(0, len(pairs), 400):
+        chunk = pairs[start : start + 400]
+        values = ", ".join(["(%s, %s)"] * len(chunk))
+        query = f"SELECT device_id, seq FROM {table} WHERE (device_id, seq) IN (VALUES {values})"  # noqa: S608
+        with connection.cursor() as cursor:
+            cursor.execute(query, [item for pair in chunk for item in pair])
+            found.update((device_id, seq) for device_id, seq in cursor.fetchall())
+    return found
 
 
 def _apply(device: Device, obs: Observation) -> bool:
