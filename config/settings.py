@@ -148,6 +148,10 @@ class GatewaySettings(TypedDict):
     WS_FRAME_EVENTS: int
     WS_MAX_FRAME: int
     HEARTBEAT_INTERVAL: float
+    COMMANDS_OFFLINE: str
+    COMMAND_TIMEOUT: float
+    COMMAND_POLL_INTERVAL: float
+    COMMAND_LEASE: float
 
 
 # --- MQTT ----------------------------------------------------------------------------------------------------
@@ -196,6 +200,11 @@ GATEWAY: GatewaySettings = {
     "WS_FRAME_EVENTS": env.int("GATEWAY_WS_FRAME_EVENTS", 500, minimum=1),
     "WS_MAX_FRAME": env.int("GATEWAY_WS_MAX_FRAME", 65536, minimum=1024),
     "HEARTBEAT_INTERVAL": env.float("GATEWAY_HEARTBEAT_INTERVAL", 5.0, minimum=0.1),
+    # Commands for an offline device: "reject" at once, or "hold" until it is online or the deadline passes.
+    "COMMANDS_OFFLINE": env.choice("GATEWAY_COMMANDS_OFFLINE", "reject", ("reject", "hold")),
+    "COMMAND_TIMEOUT": env.float("GATEWAY_COMMAND_TIMEOUT", 30.0, minimum=1.0),
+    "COMMAND_POLL_INTERVAL": env.float("GATEWAY_COMMAND_POLL_INTERVAL", 1.0, minimum=0.05),
+    "COMMAND_LEASE": env.float("GATEWAY_COMMAND_LEASE", 10.0, minimum=1.0),
 }
 
 LOGGING = {

@@ -108,3 +108,50 @@ class BridgeHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {'connected' if self.connected else 'disconnected'}"
+
+
+class Command(models.Model):
+    """An operator's command to a device. The table is the queue: a bridge claims a row with a lease, publishes
+    it, and records each state change; every command ends in exactly one final state."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        EXPIRED = "expired"
+        REJECTED = "rejected"
+
+    FINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.EXPIRED, State.REJECTED})
+
+    id = models.CharField(primary_key=True, max_length=32, editable=False)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="commands")
+    name = models.CharField(max_length=64)
+    params = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="commands"
+    )
+    request_id = models.CharField(max_length=100, blank=True, help_text="The client's idempotency key, if any.")
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField(help_text="Wall-clock deadline, for display and for bridges that restart.")
+    timeout = models.FloatField(help_text="Seconds the command may take, from creation.")
+    sent_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="Publishes started (a crash may leave one unknown).")
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.CharField(max_length=1024, blank=True)
+    late_reply = models.JSONField(null=True, blank=True, help_text="A reply that came after the final state.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["state", "created_at"], name="command_state_created"),
+            models.Index(fields=["device", "created_at"], name="command_device_created"),
+            models.Index(fields=["requested_by", "request_id"], name="command_request"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} -> {self.device_id} ({self.state})"

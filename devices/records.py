@@ -62,3 +62,34 @@ class IngestResult:
 
     def skip(self, reason: Rejection, count: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A device's answer to a command (``PREFIX/ID/replies``)."""
+
+    device_id: str
+    command_id: str
+    ok: bool
+    received_at: float
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandToSend:
+    """A claimed command, with what the device needs to judge it."""
+
+    id: str
+    device_id: str
+    name: str
+    params: dict[str, Any]
+    created_at: float
+    expires_at: float
+
+
+@dataclass(slots=True)
+class ReplyResult:
+    events: list[EventRecord] = field(default_factory=list)
+    unknown: int = 0
+    late: int = 0

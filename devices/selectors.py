@@ -10,7 +10,7 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from devices.models import ApiToken, BridgeHeartbeat, Device, Event
+from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event
 from devices.permissions import DeviceAccess
 from devices.records import EventKind, EventRecord
 from devices.services import hash_token
@@ -116,3 +116,26 @@ def bridge_health(*, max_age: float) -> BridgeHealth:
     for beat in BridgeHeartbeat.objects.all():
         (connected if beat.connected and beat.updated_at >= fresh_after else other).append(beat.name)
     return BridgeHealth(connected=connected, stale_or_disconnected=other)
+
+
+def command_event(*, command_id: str, device_id: str) -> EventRecord | None:
+    """The latest stored state change of a command (what a repeated request_id gets back)."""
+    row = (
+        Event.objects.filter(device_id=device_id, kind=EventKind.COMMAND.value, body__command_id=command_id)
+        .order_by("-id")
+        .first()
+    )
+    return record_of(row) if row is not None else None
+
+
+def recent_commands(*, device_id: str, limit: int = 20) -> list[Command]:
+    return list(
+        Command.objects.filter(device_id=device_id).select_related("requested_by").order_by("-created_at")[:limit]
+    )
+
+
+def command_detail(*, access: DeviceAccess, command_id: str) -> Command | None:
+    command = Command.objects.filter(id=command_id).select_related("requested_by").first()
+    if command is None or not access.can_view(command.device_id):
+        return None
+    return command

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import connection, transaction
-from django.db.models import Field
+from django.db.models import F, Field, Q
 from django.utils import timezone
 
-from devices.models import ApiToken, BridgeHeartbeat, Device, Event
-from devices.records import EventKind, EventRecord, IngestResult, Observation, Rejection
+from devices.identifiers import is_command_name, is_device_id
+from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event
+from devices.permissions import DeviceAccess
+from devices.records import (
+    CommandToSend,
+    EventKind,
+    EventRecord,
+    IngestResult,
+    Observation,
+    Rejection,
+    Reply,
+    ReplyResult,
+)
 
 # Any constant will do: it names the transaction-scoped PostgreSQL lock that serializes event-id assignment.
 _EVENT_ID_LOCK = 7_349_210_000_001
@@ -201,3 +215,224 @@ def ensure_operator(*, username: str) -> str | None:
     password = secrets.token_urlsafe(12)
     user_model._default_manager.create_superuser(username=username, email="", password=password)
     return password
+
+
+# --- Commands (contract section 2) ----------------------------------------------------------------------------
+
+COMMAND_IDEMPOTENCY = timedelta(hours=24)
+OFFLINE_REJECT = "reject"
+OFFLINE_HOLD = "hold"
+
+
+class CommandRefused(ValueError):
+    """A command that cannot even be stored (unknown device, malformed request). ``code`` is the error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    command: Command
+    created: bool
+    events: list[EventRecord]
+
+
+def _command_event(command: Command, *, at: float) -> Event:
+    body: dict[str, Any] = {"command_id": command.id, "name": command.name, "state": command.state}
+    if command.result is not None:
+        body["result"] = command.result
+    if command.error:
+        body["error"] = command.error
+    if command.request_id:
+        body["request_id"] = command.request_id
+    return Event(device_id=command.device_id, kind=EventKind.COMMAND.value, ts=at, body=body)
+
+
+def _store_command_events(commands: Iterable[Command], at: float) -> list[EventRecord]:
+    rows = [_command_event(command, at=at) for command in commands]
+    Event.objects.bulk_create(rows)
+    return [
+        EventRecord(id=row.id, device_id=row.device_id, kind=EventKind.COMMAND, ts=row.ts, body=row.body)
+        for row in rows
+    ]
+
+
+def request_command(
+    *,
+    user: User,
+    access: DeviceAccess,
+    device_id: str,
+    name: str,
+    params: object,
+    request_id: str | None,
+    timeout: float,
+    offline_policy: str,
+    max_payload: int,
+) -> CommandOutcome:
+    """Store an operator's command as pending (or rejected), or return the one with the same ``request_id``.
+
+    Raises ``CommandRefused`` for what cannot be stored: a device the user may not view (the same error as an
+    unknown one), a bad name, params that are not a JSON object or too large, a bad timeout.
+    """
+    if not is_device_id(device_id) or not access.can_view(device_id):
+        raise CommandRefused("unknown_device", f"unknown device {device_id!r}")
+    if not is_command_name(name):
+        raise CommandRefused("bad_command", f"invalid command name {name!r}: 1-64 of A-Z a-z 0-9 _ -")
+    if not isinstance(params, dict):
+        raise CommandRefused("bad_command", f"params must be a JSON object, got {type(params).__name__}")
+    size = len(json.dumps(params, allow_nan=False, default=str))
+    if size > max_payload:
+        raise CommandRefused("too_large", f"params of {size} bytes exceed {max_payload}")
+    if request_id is not None and (not isinstance(request_id, str) or not 1 <= len(request_id) <= 100):
+        raise CommandRefused("bad_command", "request_id must be a string of 1-100 characters")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 3600:
+        raise CommandRefused("bad_command", f"timeout {timeout!r} must be a number of seconds from 1 to 3600")
+    now = timezone.now()
+    with transaction.atomic():
+        lock_event_ids()
+        device = Device.objects.filter(id=device_id).first()
+        if device is None:
+            raise CommandRefused("unknown_device", f"unknown device {device_id!r}")
+        if request_id is not None:
+            existing = Command.objects.filter(
+                requested_by=user, request_id=request_id, created_at__gte=now - COMMAND_IDEMPOTENCY
+            ).first()
+            if existing is not None:
+                return CommandOutcome(command=existing, created=False, events=[])
+        command = Command(
+            id=uuid.uuid4().hex,
+            device=device,
+            name=name,
+            params=params,
+            requested_by=user,
+            request_id=request_id or "",
+            created_at=now,
+            expires_at=now + timedelta(seconds=float(timeout)),
+            timeout=float(timeout),
+        )
+        if not access.can_operate(device_id):
+            _finish(command, Command.State.REJECTED, error="forbidden", at=now)
+        elif not device.online and offline_policy == OFFLINE_REJECT:
+            _finish(command, Command.State.REJECTED, error="device_offline", at=now)
+        command.save(force_insert=True)
+        events = _store_command_events([command], now.timestamp())
+    return CommandOutcome(command=command, created=True, events=events)
+
+
+def _finish(command: Command, state: str, *, at: datetime, error: str = "", result: Any = None) -> None:
+    command.state = state
+    command.finished_at = at
+    command.error = error[:1024]
+    command.result = result
+    command.lease_owner = ""
+    command.lease_until = None
+
+
+def claim_commands(*, owner: str, lease: float, limit: int, hold_offline: bool) -> list[CommandToSend]:
+    """Claim pending commands whose lease is free or lapsed, for ``owner`` to publish (one bridge per command)."""
+    now = timezone.now()
+    with transaction.atomic():
+        candidates = Command.objects.filter(state=Command.State.PENDING, expires_at__gt=now).filter(
+            Q(lease_until__isnull=True) | Q(lease_until__lt=now)
+        )
+        if hold_offline:
+            candidates = candidates.filter(device__online=True)
+        if connection.features.has_select_for_update_skip_locked:
+            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+        claimed = list(candidates.order_by("created_at")[:limit])
+        if not claimed:
+            return []
+        Command.objects.filter(id__in=[c.id for c in claimed]).update(
+            lease_owner=owner, lease_until=now + timedelta(seconds=lease), attempts=F("attempts") + 1
+        )
+    return [
+        CommandToSend(
+            id=c.id,
+            device_id=c.device_id,
+            name=c.name,
+            params=c.params,
+            created_at=c.created_at.timestamp(),
+            expires_at=c.expires_at.timestamp(),
+        )
+        for c in claimed
+    ]
+
+
+def mark_sent(*, command_id: str, owner: str) -> list[EventRecord]:
+    """The broker acknowledged the publish: pending -> sent (nothing if the command moved on meanwhile)."""
+    now = timezone.now()
+    with transaction.atomic():
+        lock_event_ids()
+        command = Command.objects.filter(id=command_id, state=Command.State.PENDING).first()
+        if command is None:
+            return []
+        command.state = Command.State.SENT
+        command.sent_at = now
+        command.lease_owner = owner
+        command.save(update_fields=["state", "sent_at", "lease_owner"])
+        return _store_command_events([command], now.timestamp())
+
+
+def release_claim(*, command_id: str) -> None:
+    """A publish failed: let any bridge claim the command again at once."""
+    Command.objects.filter(id=command_id, state=Command.State.PENDING).update(lease_until=None)
+
+
+def record_replies(*, replies: Sequence[Reply]) -> ReplyResult:
+    """Match device replies to commands by id (any bridge may receive them). A reply after the final state is kept
+    as ``late_reply`` and changes nothing; a reply for an unknown id (or another device's) is counted."""
+    result = ReplyResult()
+    if not replies:
+        return result
+    now = timezone.now()
+    with transaction.atomic():
+        lock_event_ids()
+        commands = {c.id: c for c in Command.objects.filter(id__in=[r.command_id for r in replies])}
+        finished: list[Command] = []
+        for reply in replies:
+            command = commands.get(reply.command_id)
+            if command is None or command.device_id != reply.device_id:
+                result.unknown += 1
+                continue
+            if command.state in Command.FINAL_STATES:
+                result.late += 1
+                command.late_reply = {
+                    "ok": reply.ok,
+                    "result": reply.result,
+                    "error": reply.error,
+                    "at": reply.received_at,
+                }
+                command.save(update_fields=["late_reply"])
+                continue
+            state = Command.State.SUCCEEDED if reply.ok else Command.State.FAILED
+            _finish(command, state, at=now, error=reply.error or ("" if reply.ok else "failed"), result=reply.result)
+            command.save(update_fields=["state", "finished_at", "error", "result", "lease_owner", "lease_until"])
+            finished.append(command)
+        result.events = _store_command_events(finished, now.timestamp())
+    return result
+
+
+def expire_commands(*, command_ids: Collection[str] = (), overdue_before: datetime | None = None) -> list[EventRecord]:
+    """Give overdue commands their final state: ``expired`` if never or surely sent without a reply, ``failed``
+    with ``outcome_unknown`` if a publish was started but never confirmed (a crash in between).
+
+    ``command_ids`` are overdue by a bridge's monotonic clock; ``overdue_before`` catches the rest by wall clock.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        lock_event_ids()
+        due = Command.objects.filter(state__in=[Command.State.PENDING, Command.State.SENT])
+        selector = Q(id__in=list(command_ids)) if command_ids else Q(pk__in=[])
+        if overdue_before is not None:
+            selector |= Q(expires_at__lt=overdue_before)
+        finished = []
+        for command in due.filter(selector):
+            if command.state == Command.State.PENDING and command.attempts > 0 and command.sent_at is None:
+                _finish(command, Command.State.FAILED, at=now, error="outcome_unknown")
+            else:
+                _finish(command, Command.State.EXPIRED, at=now, error="no reply before the deadline")
+            command.save(update_fields=["state", "finished_at", "error", "result", "lease_owner", "lease_until"])
+            finished.append(command)
+        return _store_command_events(finished, now.timestamp())

@@ -17,13 +17,17 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from devices import selectors
+from devices import selectors, services
 from devices.identifiers import is_device_id
+from devices.models import Command
 from devices.permissions import DeviceAccess, access_for
+from devices.records import EventRecord
+from devices.services import CommandRefused
 from gateway import metrics
+from gateway.announce import announce
 from gateway.auth import SESSION, origin_allowed
 from gateway.db import db_call
-from gateway.events import PROTOCOL_VERSION, WireEvent, wire_event
+from gateway.events import PROTOCOL_VERSION, WireEvent, event_frame, wire_event
 from gateway.feed import SocketFeed
 from gateway.hub import Hub
 
@@ -166,7 +170,41 @@ class EventsConsumer(AsyncWebsocketConsumer):
         await self._send({"type": "pong"})
 
     async def op_command(self, frame: dict[str, Any]) -> None:
-        raise FrameError("unsupported", "commands are not available on this gateway version yet")
+        """Store the command (or find the one with this request_id) and answer with its current state: through the
+        hub when this socket is subscribed to the device, directly otherwise (so never twice)."""
+        assert self.feed is not None
+        device, name = frame.get("device"), frame.get("name")
+        if not isinstance(device, str) or not isinstance(name, str):
+            raise FrameError("bad_frame", "command needs string fields device and name")
+        conf = settings.GATEWAY
+        try:
+            outcome = await _request_command(
+                user=self.scope["user"],
+                access=self.feed.access,
+                device_id=device,
+                name=name,
+                params=frame.get("params", {}),
+                request_id=frame.get("request_id"),
+                timeout=frame.get("timeout", conf["COMMAND_TIMEOUT"]),
+                offline_policy=conf["COMMANDS_OFFLINE"],
+                max_payload=conf["MAX_PAYLOAD"],
+            )
+        except CommandRefused as exc:
+            metrics.COMMANDS_REQUESTED.labels("refused").inc()
+            raise FrameError(exc.code, str(exc)) from None
+        command = outcome.command
+        metrics.COMMANDS_REQUESTED.labels(command.state if outcome.created else "repeated").inc()
+        if outcome.created:
+            await announce(outcome.events, wake_bridges=command.state == Command.State.PENDING)
+            if self.feed.wants(command.device_id):
+                return  # the hub delivers the new state to this socket like every other subscriber
+            current = outcome.events[-1]
+        else:
+            found = await _command_event(command.id, command.device_id)
+            if found is None:
+                raise FrameError("unknown_command", f"command {command.id} has no recorded state")
+            current = found
+        await self._send(event_frame(current))
 
     async def op_subscribe(self, frame: dict[str, Any]) -> None:
         assert self.feed is not None and self.hub is not None
@@ -265,6 +303,14 @@ def _access_and_last_id(user: Any) -> tuple[DeviceAccess, int]:
 @db_call
 def _visible(access: DeviceAccess, devices: list[str]) -> set[str]:
     return selectors.visible_device_ids(access=access, candidates=[d for d in devices if is_device_id(d)])
+
+
+_request_command = db_call(services.request_command)
+
+
+@db_call
+def _command_event(command_id: str, device_id: str) -> EventRecord | None:
+    return selectors.command_event(command_id=command_id, device_id=device_id)
 
 
 @db_call

@@ -40,6 +40,19 @@ EVENTS_GROUP = group_name("gateway", "events")
 
 EVENTS_MESSAGE_TYPE: Final = "gateway.events"
 
+COMMANDS_GROUP = group_name("gateway", "commands")
+"""Bridges listen here to be woken when a command is stored; losing a wake-up costs at most a poll interval."""
+
+COMMANDS_WAKE_TYPE: Final = "gateway.commands.wake"
+
+
+class CommandsWake(TypedDict):
+    type: Literal["gateway.commands.wake"]
+
+
+def commands_wake() -> CommandsWake:
+    return {"type": COMMANDS_WAKE_TYPE}
+
 
 class WireEvent(TypedDict):
     """One event inside a layer message: enough to route it, plus its ready-made frame text."""

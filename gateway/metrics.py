@@ -19,3 +19,7 @@ HUB_BATCHES = Counter("gateway_hub_batches_total", "Event batches received from 
 HUB_LOST = Counter("gateway_hub_lost_batches_total", "Event batches lost in the channel layer (detected by sequence)")
 HUB_INVALID = Counter("gateway_hub_invalid_messages_total", "Malformed channel-layer messages ignored")
 HUB_ERRORS = Counter("gateway_hub_layer_errors_total", "Channel-layer receive failures (the hub retries)")
+LAYER_SEND_FAILURES = Counter(
+    "gateway_web_layer_send_failures_total", "Channel-layer sends from the web side that failed"
+)
+COMMANDS_REQUESTED = Counter("gateway_commands_requested_total", "Commands requested, by outcome", ["outcome"])

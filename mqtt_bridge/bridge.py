@@ -12,16 +12,17 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, OperationalError
 
-from devices.records import IngestResult, Observation, Rejection
+from devices.records import EventRecord, IngestResult, Observation, Rejection, Reply
 from gateway.events import EVENTS_GROUP, EventsPublisher
 from mqtt_bridge import metrics
 from mqtt_bridge.backoff import Backoff
 from mqtt_bridge.client import BrokerUnavailable, InboundMessage, MqttClient
+from mqtt_bridge.commands import CommandDispatcher, CommandSettings
 from mqtt_bridge.decoder import DecodeError, MessageDecoder
 from mqtt_bridge.ratelimit import RateLimitedLog
 from mqtt_bridge.store import BridgeStore
@@ -47,6 +48,7 @@ class BridgeSettings:
     purge_interval: float = 3600.0
     backoff_initial: float = 0.5
     backoff_cap: float = 30.0
+    commands: CommandSettings = field(default_factory=CommandSettings)
 
     @classmethod
     def from_settings(cls, gateway: Mapping[str, Any], mqtt: Mapping[str, Any]) -> BridgeSettings:
@@ -61,6 +63,11 @@ class BridgeSettings:
             batch_linger=gateway["BATCH_LINGER"],
             heartbeat_interval=gateway["HEARTBEAT_INTERVAL"],
             retention_days=gateway["HISTORY_RETENTION_DAYS"],
+            commands=CommandSettings(
+                poll_interval=gateway["COMMAND_POLL_INTERVAL"],
+                lease=gateway["COMMAND_LEASE"],
+                hold_offline=gateway["COMMANDS_OFFLINE"] == "hold",
+            ),
         )
 
 
@@ -81,6 +88,14 @@ class Bridge:
         self._decoder = MessageDecoder(topics=self._topics, max_payload=settings.max_payload)
         self._publisher = EventsPublisher(source=f"{settings.name}.{uuid.uuid4().hex[:8]}")
         self._bad_input = RateLimitedLog(logger)
+        self.commands = CommandDispatcher(
+            owner=settings.name,
+            store=self._store,
+            layer=channel_layer,
+            topics=self._topics,
+            settings=settings.commands,
+            announce=self._announce,
+        )
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
         self.last_error = ""
@@ -97,7 +112,12 @@ class Bridge:
         self._stopping.set()
 
     async def run(self) -> None:
-        helpers = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._purges())]
+        helpers = [
+            asyncio.create_task(self._heartbeats()),
+            asyncio.create_task(self._purges()),
+            asyncio.create_task(self.commands.listen_for_wakeups()),
+            asyncio.create_task(self.commands.sweep_loop()),
+        ]
         try:
             await self._connection_loop()
         finally:
@@ -116,7 +136,13 @@ class Bridge:
                     self._mark_connected(True, "")
                     backoff.reset()
                     logger.info("bridge %s connected to %s", self.settings.name, client.config.where)
-                    await self._consume(client)
+                    publisher = asyncio.create_task(self.commands.publish_loop(client), name="commands")
+                    try:
+                        await self._consume(client)
+                    finally:
+                        publisher.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await publisher
             except BrokerUnavailable as exc:
                 metrics.RECONNECTS.inc()
                 self.last_error = str(exc)
@@ -163,12 +189,17 @@ class Bridge:
     async def flush(self, client: MqttClient, batch: Sequence[InboundMessage]) -> None:
         """Store a batch, acknowledge it, then announce what was stored."""
         started = time.perf_counter()
-        observations = self._decode(batch)
+        observations, replies = self._decode(batch)
         result = await self._store_batch(observations)
         if result is None:
             return  # stopping during a database outage: unacknowledged QoS 1 messages are redelivered later
+        reply_events = await self._store_replies(replies)
+        if reply_events is None:
+            return
         for message in batch:
             client.ack(message)
+        if reply_events:
+            await self._announce(reply_events)
         for reason, count in result.skipped.items():
             metrics.SKIPPED.labels(reason.value).inc(count)
             if reason in (Rejection.DEVICE_CAP, Rejection.UNKNOWN_DEVICE):
@@ -185,12 +216,13 @@ class Bridge:
         if result.stored:
             for record in result.stored:
                 metrics.STORED.labels(record.kind.value).inc()
-            await self._announce(result)
+            await self._announce(result.stored)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    def _decode(self, batch: Sequence[InboundMessage]) -> list[Observation]:
-        observations = []
+    def _decode(self, batch: Sequence[InboundMessage]) -> tuple[list[Observation], list[Reply]]:
+        observations: list[Observation] = []
+        replies: list[Reply] = []
         for message in batch:
             try:
                 observation = self._decoder.decode(message)
@@ -205,9 +237,40 @@ class Bridge:
                     exc,
                 )
                 continue
-            metrics.MESSAGES_IN.labels(observation.kind.value).inc()
-            observations.append(observation)
-        return observations
+            if isinstance(observation, Reply):
+                metrics.MESSAGES_IN.labels("reply").inc()
+                replies.append(observation)
+            else:
+                metrics.MESSAGES_IN.labels(observation.kind.value).inc()
+                observations.append(observation)
+        return observations, replies
+
+    async def _store_replies(self, replies: list[Reply]) -> list[EventRecord] | None:
+        """Record replies (``None``: stopping during a database outage, so leave them unacknowledged)."""
+        if not replies:
+            return []
+        backoff = Backoff(initial=0.2, cap=5.0)
+        while True:
+            try:
+                outcome = await self._store.replies(replies)
+            except (OperationalError, InterfaceError) as exc:
+                metrics.STORE_RETRIES.inc()
+                self._bad_input.warning("database", "database unavailable, %d replies held: %s", len(replies), exc)
+                if self._stopping.is_set():
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff.next())
+                continue
+            break
+        matched = len(replies) - outcome.unknown - outcome.late
+        metrics.REPLIES.labels("matched").inc(matched)
+        metrics.REPLIES.labels("unknown").inc(outcome.unknown)
+        metrics.REPLIES.labels("late").inc(outcome.late)
+        if outcome.unknown:
+            self._bad_input.warning("reply:unknown", "%d repl(ies) for unknown command ids", outcome.unknown)
+        for event in outcome.events:
+            metrics.COMMANDS_FINISHED.labels(str(event.body.get("state"))).inc()
+        return outcome.events
 
     async def _store_batch(self, observations: list[Observation]) -> IngestResult | None:
         if not observations:
@@ -256,8 +319,7 @@ class Bridge:
                 combined.skip(reason, count)
         return combined
 
-    async def _announce(self, result: IngestResult) -> None:
-        stored = result.stored
+    async def _announce(self, stored: list[EventRecord]) -> None:
         for start in range(0, len(stored), LAYER_CHUNK):
             chunk = stored[start : start + LAYER_CHUNK]
             try:

@@ -252,9 +252,28 @@ class MqttClient:
             return
         self._client._client.ack(message.mid, message.qos)
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        ack_within: float = 10.0,
+    ) -> None:
+        """Publish and, at QoS 1, wait for the broker's acknowledgement. Response topic and correlation data are
+        sent on MQTT 5 and dropped on 3.1.1, which has no properties."""
         client = self._require()
+        properties = None
+        if self.config.protocol == "5" and (response_topic or correlation_data):
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation_data:
+                properties.CorrelationData = correlation_data
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=properties, timeout=ack_within)
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"publish to {topic!r} on {self.config.where} failed: {exc}") from exc

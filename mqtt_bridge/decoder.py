@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from devices.records import EventKind, Observation
+from devices.records import EventKind, Observation, Reply
 from mqtt_bridge.client import InboundMessage
-from mqtt_bridge.payloads import PayloadError, parse_event, parse_status, parse_telemetry
+from mqtt_bridge.payloads import PayloadError, parse_event, parse_reply, parse_status, parse_telemetry
 from mqtt_bridge.topics import Channel, TopicError, Topics
 
 
@@ -26,7 +26,7 @@ class MessageDecoder:
         self._max_payload = max_payload
         self._clock = clock
 
-    def decode(self, message: InboundMessage) -> Observation:
+    def decode(self, message: InboundMessage) -> Observation | Reply:
         try:
             parsed = self._topics.parse(message.topic)
         except TopicError as exc:
@@ -42,6 +42,16 @@ class MessageDecoder:
                     body={"values": telemetry.values},
                     device_ts=telemetry.device_ts,
                     seq=telemetry.seq,
+                )
+            if parsed.channel is Channel.REPLIES:
+                reply = parse_reply(message.payload, max_payload=self._max_payload)
+                return Reply(
+                    device_id=device_id,
+                    command_id=reply.command_id,
+                    ok=reply.ok,
+                    received_at=received_at,
+                    result=reply.result,
+                    error=reply.error,
                 )
             if parsed.channel is Channel.STATUS:
                 online = parse_status(message.payload, max_payload=self._max_payload)

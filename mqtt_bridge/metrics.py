@@ -23,3 +23,8 @@ BATCH_SECONDS = Histogram(
     "Time to store a batch and hand it to the channel layer",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+COMMANDS_PUBLISHED = Counter("gateway_commands_published_total", "Command publishes acknowledged by the broker")
+COMMANDS_FINISHED = Counter(
+    "gateway_commands_finished_total", "Commands that reached a final state in this bridge, by state", ["state"]
+)
+REPLIES = Counter("gateway_command_replies_total", "Command replies received, by outcome", ["outcome"])

@@ -165,6 +165,38 @@ def parse_status(payload: bytes, *, max_payload: int) -> bool:
     raise PayloadError("bad_status", f'status must be online, offline or {{"online": bool}}, got {payload[:60]!r}')
 
 
+@dataclass(frozen=True, slots=True)
+class CommandReply:
+    command_id: str
+    ok: bool
+    result: Any
+    error: str | None
+
+
+MAX_COMMAND_ID = 64
+
+
+def parse_reply(payload: bytes, *, max_payload: int) -> CommandReply:
+    """``{"id": str, "ok": bool, "result": any?, "error": str?}`` (contract section 1)."""
+    data = _load_json(payload, max_payload)
+    if not isinstance(data, dict):
+        raise PayloadError("not_object", f"reply must be a JSON object, got {type(data).__name__}")
+    command_id = data.get("id")
+    if not isinstance(command_id, str) or not 1 <= len(command_id) <= MAX_COMMAND_ID or "\x00" in command_id:
+        raise PayloadError("bad_reply_id", f"reply id {command_id!r} must be a string of 1-{MAX_COMMAND_ID} characters")
+    ok = data.get("ok")
+    if not isinstance(ok, bool):
+        raise PayloadError("bad_reply_ok", f"reply ok {ok!r} must be true or false")
+    error = data.get("error")
+    if error is not None:
+        if not isinstance(error, str):
+            raise PayloadError("bad_reply_error", f"reply error {error!r} must be a string")
+        _check_string(error, "error")
+    result = data.get("result")
+    _check_json_value(result, "result")
+    return CommandReply(command_id=command_id, ok=ok, result=result, error=error)
+
+
 def parse_event(payload: bytes, *, max_payload: int) -> DeviceEvent:
     data = _load_json(payload, max_payload)
     if not isinstance(data, dict):

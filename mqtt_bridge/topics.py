@@ -18,7 +18,7 @@ class Channel(StrEnum):
     COMMANDS = "commands"
 
 
-INBOUND = (Channel.TELEMETRY, Channel.STATUS, Channel.EVENTS)
+INBOUND = (Channel.TELEMETRY, Channel.STATUS, Channel.EVENTS, Channel.REPLIES)
 
 
 class TopicError(ValueError):
@@ -73,6 +73,7 @@ class Topics:
         return [
             f"{share}{self.prefix}/+/{Channel.TELEMETRY.value}",
             f"{share}{self.prefix}/+/{Channel.EVENTS.value}",
+            f"{share}{self.prefix}/+/{Channel.REPLIES.value}",
             f"{self.prefix}/+/{Channel.STATUS.value}",
         ]
 

@@ -119,10 +119,8 @@ async def test_token_in_an_authorization_header(layer):
         ('{"op": "subscribe", "devices": ["a"], "after": true}', "bad_frame"),
         ('{"op": "resume"}', "bad_frame"),
         ('{"op": "subscribe", "devices": ["dev/+/#", "x\\u0000"]}', "unknown_device"),
-        (
-            '{"op": "command", "device": "a", "name": "reboot", "params": {}, "request_id": "r1"}',
-            "unsupported",
-        ),
+        ('{"op": "command", "device": "nope", "name": "reboot", "request_id": "r1"}', "unknown_device"),
+        ('{"op": "command", "device": "a", "name": 5}', "bad_frame"),
         ('{"op": "ping", "pad": "' + "x" * 70000 + '"}', "too_large"),
     ],
 )
