@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -28,52 +28,9 @@ from mqtt_bridge import metrics
 from mqtt_bridge.bridge import Bridge, BridgeSettings
 from mqtt_bridge.client import MqttClient, MqttConfig
 from mqtt_bridge.commands import CommandSettings
-from tests.support import require_mosquitto
+from tests.support import PahoDevice, require_mosquitto
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.django_db(transaction=True)]
-
-
-@dataclass
-class PahoDevice:
-    """A paho device that records every command and (optionally) answers, deduplicating by id like firmware."""
-
-    port: int
-    prefix: str
-    device_id: str
-    answer: bool = True
-    ok: bool = True
-    received: list[dict[str, Any]] = field(default_factory=list)
-    properties: list[Any] = field(default_factory=list)
-    answered: set[str] = field(default_factory=set)
-    ready: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> PahoDevice:
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
-        )
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(f"{self.prefix}/{self.device_id}/commands/+", qos=1)
-        self.client.on_subscribe = lambda *args: self.ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", self.port)
-        self.client.loop_start()
-        assert self.ready.wait(5)
-        return self
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        payload = json.loads(message.payload)
-        self.received.append({"topic": message.topic, "retain": message.retain, **payload})
-        self.properties.append(message.properties)
-        if not self.answer or payload["id"] in self.answered or message.retain:
-            return
-        self.answered.add(payload["id"])
-        reply = {"id": payload["id"], "ok": self.ok, "result": {"echo": payload["params"]}}
-        if not self.ok:
-            reply["error"] = "jammed"
-        client.publish(f"{self.prefix}/{self.device_id}/replies", json.dumps(reply), qos=1)
-
-    def stop(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @dataclass

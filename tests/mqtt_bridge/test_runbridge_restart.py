@@ -13,13 +13,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.models import BridgeHeartbeat, Event
-from tests.support import GatewayProcess, gateway_env, manage, wait_for
+from tests.support import GatewayProcess, PahoDevice, gateway_env, manage, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def start_bridge(port: int, prefix: str, name: str) -> GatewayProcess:
+def start_bridge(port: int, prefix: str, name: str, **extra_env: str) -> GatewayProcess:
     env = gateway_env(
+        **extra_env,
         MQTT_URL=f"mqtt://127.0.0.1:{port}",
         GATEWAY_TOPIC_PREFIX=prefix,
         GATEWAY_MQTT_CLIENT_ID=name,
@@ -102,3 +103,63 @@ def test_sigkill_in_the_middle_of_ingest_loses_nothing_and_duplicates_nothing(pr
         assert sorted(stored_seqs()) == list(range(1, total + 1))
     finally:
         bridge.kill(signal.SIGTERM)
+
+
+def operator_command(*, timeout: float = 30, request_id: str = "r") -> str:
+    from django.contrib.auth import get_user_model
+
+    from devices import services
+    from devices.models import Device
+    from devices.permissions import access_for
+
+    Device.objects.get_or_create(id="dev-c", defaults={"online": True})
+    user, _ = get_user_model().objects.get_or_create(username="op", defaults={"is_superuser": True})
+    outcome = services.request_command(
+        user=user,
+        access=access_for(user),
+        device_id="dev-c",
+        name="reboot",
+        params={"n": 1},
+        request_id=request_id,
+        timeout=timeout,
+        offline_policy="reject",
+        max_payload=65536,
+    )
+    return outcome.command.id
+
+
+def command_state(command_id: str) -> str:
+    from devices.models import Command
+
+    return Command.objects.get(id=command_id).state
+
+
+def test_a_command_stored_while_the_bridge_is_down_reaches_the_device_after_restart(private_mosquitto, prefix):
+    name = f"cmd-{uuid.uuid4().hex[:6]}"
+    start_bridge(private_mosquitto.port, prefix, name).kill(signal.SIGKILL)
+    device = PahoDevice(private_mosquitto.port, prefix, "dev-c").start()
+    command_id = operator_command()
+    assert command_state(command_id) == "pending"
+    bridge = start_bridge(private_mosquitto.port, prefix, name)
+    try:
+        wait_for(lambda: command_state(command_id) == "succeeded", timeout=15, what="the command to succeed")
+        assert [p["id"] for p in device.received] == [command_id]
+    finally:
+        bridge.kill(signal.SIGTERM)
+        device.stop()
+
+
+def test_a_bridge_killed_after_publishing_leaves_no_command_without_a_final_state(private_mosquitto, prefix):
+    name = f"cmd-{uuid.uuid4().hex[:6]}"
+    device = PahoDevice(private_mosquitto.port, prefix, "dev-c", answer=False).start()
+    bridge = start_bridge(private_mosquitto.port, prefix, name, GATEWAY_COMMAND_LEASE="1")
+    command_id = operator_command(timeout=2)
+    wait_for(lambda: command_state(command_id) == "sent", timeout=10, what="the command to be sent")
+    bridge.kill(signal.SIGKILL)
+    bridge = start_bridge(private_mosquitto.port, prefix, name, GATEWAY_COMMAND_LEASE="1")
+    try:
+        wait_for(lambda: command_state(command_id) == "expired", timeout=15, what="the orphan to expire")
+        assert len(device.received) == 1
+    finally:
+        bridge.kill(signal.SIGTERM)
+        device.stop()
