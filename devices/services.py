@@ -220,6 +220,7 @@ def ensure_operator(*, username: str) -> str | None:
 # --- Commands (contract section 2) ----------------------------------------------------------------------------
 
 COMMAND_IDEMPOTENCY = timedelta(hours=24)
+COMMAND_ENVELOPE = 160  # bytes around the params in the published payload (id, ts, expires, ttl)
 OFFLINE_REJECT = "reject"
 OFFLINE_HOLD = "hold"
 
@@ -282,9 +283,12 @@ def request_command(
         raise CommandRefused("bad_command", f"invalid command name {name!r}: 1-64 of A-Z a-z 0-9 _ -")
     if not isinstance(params, dict):
         raise CommandRefused("bad_command", f"params must be a JSON object, got {type(params).__name__}")
-    size = len(json.dumps(params, allow_nan=False, default=str))
+    try:
+        size = len(json.dumps(params, allow_nan=False, ensure_ascii=False).encode()) + COMMAND_ENVELOPE
+    except (TypeError, ValueError) as exc:
+        raise CommandRefused("bad_command", f"params are not plain JSON: {exc}") from None
     if size > max_payload:
-        raise CommandRefused("too_large", f"params of {size} bytes exceed {max_payload}")
+        raise CommandRefused("too_large", f"command payload of {size} bytes would exceed {max_payload}")
     if request_id is not None and (not isinstance(request_id, str) or not 1 <= len(request_id) <= 100):
         raise CommandRefused("bad_command", "request_id must be a string of 1-100 characters")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 3600:

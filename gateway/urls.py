@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from gateway import views
+from gateway import api, views
 
 urlpatterns = [
     path("", views.fleet, name="fleet"),
@@ -12,4 +12,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
+    path("api/commands", api.commands, name="api-commands"),
+    path("api/commands/<str:command_id>", api.command, name="api-command"),
+    path("api/devices/<str:device_id>/commands", api.device_commands, name="api-device-commands"),
 ]

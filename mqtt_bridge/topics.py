@@ -66,6 +66,10 @@ class Topics:
             raise TopicError("bad_command_name", name, "invalid command name")
         return f"{self.device(device_id, Channel.COMMANDS)}/{name}"
 
+    def command_filter(self, device_id: str) -> str:
+        """What a device subscribes to for its commands: ``PREFIX/ID/commands/+``."""
+        return f"{self.device(device_id, Channel.COMMANDS)}/+"
+
     def subscriptions(self, shared_group: str | None) -> list[str]:
         """Filters the bridge subscribes to. Status is never shared: retained status is not delivered to
         shared subscriptions (MQTT 5), and presence must survive restarts."""

@@ -91,7 +91,7 @@ def test_multi_level_prefix():
         ("other/s1/telemetry", "bad_topic"),
         ("devices/s1/telemetry/x", "bad_topic"),
         ("devices/-s1/telemetry", "bad_device_id"),
-        ("devices/s1/replies", "bad_channel"),
+        ("devices/s1/commands", "bad_channel"),
         ("devices/s1/commands", "bad_channel"),
     ],
 )

@@ -71,16 +71,27 @@ def test_command_topic_refuses_an_invalid_device_id(topics):
 
 
 def test_subscriptions_without_a_shared_group(topics):
-    assert topics.subscriptions(None) == ["devices/+/telemetry", "devices/+/events", "devices/+/status"]
+    assert topics.subscriptions(None) == [
+        "devices/+/telemetry",
+        "devices/+/events",
+        "devices/+/replies",
+        "devices/+/status",
+    ]
 
 
-def test_subscriptions_share_telemetry_and_events_but_never_status(topics):
+def test_subscriptions_share_telemetry_events_and_replies_but_never_status(topics):
     filters = topics.subscriptions("bridges")
     assert filters == [
         "$share/bridges/devices/+/telemetry",
         "$share/bridges/devices/+/events",
+        "$share/bridges/devices/+/replies",
         "devices/+/status",
     ]
+
+
+def test_command_topics_and_the_device_side_filter(topics):
+    assert topics.command("pump-1", "reboot") == "devices/pump-1/commands/reboot"
+    assert topics.command_filter("pump-1") == "devices/pump-1/commands/+"
 
 
 def test_empty_shared_group_means_no_sharing(topics):
@@ -130,7 +141,6 @@ def test_parse_with_a_multi_level_prefix():
         ("devices/#/telemetry", "bad_device_id"),
         ("devices/" + "a" * 65 + "/telemetry", "bad_device_id"),
         ("devices/capteur-é/telemetry", "bad_device_id"),
-        ("devices/sensor-1/replies", "bad_channel"),
         ("devices/sensor-1/commands", "bad_channel"),
         ("devices/sensor-1/Telemetry", "bad_channel"),
         ("devices/sensor-1/", "bad_channel"),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import contextlib
 from typing import Any
 
@@ -9,8 +10,25 @@ from django.core.management.base import BaseCommand, CommandParser
 from mqtt_bridge.simulator import Simulator, SimulatorConfig
 
 
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds >= 0")
+    return number
+
+
+def _rate(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a rate from 0 to 1")
+    return number
+
+
 class Command(BaseCommand):
-    help = "Simulate devices over real MQTT: telemetry, retained status with a Last Will, occasional events."
+    help = (
+        "Simulate devices over real MQTT: telemetry, retained status with a Last Will, occasional events, and "
+        "replies to commands."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--devices", type=int, default=10, help="number of devices (default 10)")
@@ -19,6 +37,12 @@ class Command(BaseCommand):
         parser.add_argument("--id-prefix", default="sim-", help="device id prefix (default sim-)")
         parser.add_argument("--qos", type=int, choices=[0, 1], default=1)
         parser.add_argument("--seed", type=int, default=None)
+        parser.add_argument(
+            "--reply-delay", type=_non_negative, default=0.05, help="seconds a device takes to answer a command"
+        )
+        parser.add_argument(
+            "--fail-rate", type=_rate, default=0.0, help="share of commands answered ok=false, 0 to 1 (default 0)"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         mqtt = settings.MQTT
@@ -35,6 +59,8 @@ class Command(BaseCommand):
             password=mqtt["PASSWORD"],
             tls=mqtt["TLS"],
             seed=options["seed"],
+            reply_delay=options["reply_delay"],
+            reply_failure_rate=options["fail_rate"],
         )
         simulator = Simulator(config)
         self.stdout.write(
@@ -42,4 +68,4 @@ class Command(BaseCommand):
         )
         with contextlib.suppress(KeyboardInterrupt):
             simulator.run(duration=options["duration"])
-        self.stdout.write(f"Published {simulator.published} telemetry messages")
+        self.stdout.write(f"Published {simulator.published} telemetry messages, answered {simulator.replied} commands")
