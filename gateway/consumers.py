@@ -27,7 +27,7 @@ from gateway import metrics
 from gateway.announce import announce
 from gateway.auth import SESSION, origin_allowed
 from gateway.db import db_call
-from gateway.events import PROTOCOL_VERSION, WireEvent, event_frame, wire_event
+from gateway.events import PROTOCOL_VERSION, WireEvent, wire_event
 from gateway.feed import SocketFeed
 from gateway.hub import Hub
 
@@ -204,7 +204,9 @@ class EventsConsumer(AsyncWebsocketConsumer):
             if found is None:
                 raise FrameError("unknown_command", f"command {command.id} has no recorded state")
             current = found
-        await self._send(event_frame(current))
+        # Through this socket's feed, behind what is already queued for it: a frame sent past the queue could
+        # carry an id above events still waiting, and a client resuming from its highest id would skip those.
+        self.feed.push(wire_event(current))
 
     async def op_subscribe(self, frame: dict[str, Any]) -> None:
         assert self.feed is not None and self.hub is not None

@@ -49,11 +49,14 @@ def device(request: HttpRequest, device_id: str) -> HttpResponse:
     if found is None:
         raise Http404("No such device")
     events = [event_frame(record) for record in selectors.recent_events(device_id=found.id, limit=50)]
-    return render(
-        request,
-        "gateway/device.html",
-        {"device": found, "state": {"last_id": last_id, "device": device_state(found), "events": events}},
-    )
+    # The latest stored state of each recent command, newest command first.
+    commands = [
+        event_frame(record)
+        for command in selectors.recent_commands(device_id=found.id, limit=20)
+        if (record := selectors.command_event(command_id=command.id, device_id=command.device_id)) is not None
+    ]
+    state = {"last_id": last_id, "device": device_state(found), "events": events, "commands": commands}
+    return render(request, "gateway/device.html", {"device": found, "state": state})
 
 
 @login_required

@@ -343,3 +343,128 @@ def test_console_reconnects_and_resumes_without_loss_or_duplicates(browser, gate
         sent = [json.loads(line[2:]) for line in gateway.socket_log[frames_before:] if line.startswith("> ")]
         resubscribed = [frame for frame in sent if frame.get("op") == "subscribe"]
         assert resubscribed == [{"op": "subscribe", "devices": ["dev-r"], "after": last_seen}], resubscribed
+
+
+def sent_frames(gateway: Gateway, op: str) -> list[dict]:
+    """The frames with this ``op`` that the page has sent on its WebSockets so far."""
+    sent = (json.loads(line[2:]) for line in gateway.socket_log if line.startswith("> "))
+    return [frame for frame in sent if frame.get("op") == op]
+
+
+@dataclass
+class FakeDevice:
+    """A device on MQTT that answers every command it receives with ``{"rebooted": true}``."""
+
+    client: object
+    replies_topic: str
+    received: list[tuple[str, dict]] = field(default_factory=list)
+
+    def on_message(self, client, userdata, message) -> None:
+        payload = json.loads(message.payload)
+        self.received.append((message.topic, payload))
+        reply = {"id": payload.get("id"), "ok": True, "result": {"rebooted": True}}
+        client.publish(self.replies_topic, json.dumps(reply), qos=1)
+
+
+@contextlib.contextmanager
+def fake_device(gateway: Gateway, device: str) -> Iterator[FakeDevice]:
+    import threading
+
+    from paho.mqtt.client import Client
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = require_mosquitto()
+    client = Client(CallbackAPIVersion.VERSION2, client_id=f"console-test-dev-{uuid.uuid4().hex[:10]}")
+    fake = FakeDevice(client=client, replies_topic=f"{gateway.prefix}/{device}/replies")
+    subscribed = threading.Event()
+    client.on_message = fake.on_message
+    client.on_connect = lambda c, *_: c.subscribe(f"{gateway.prefix}/{device}/commands/+", qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(5), "the fake device could not subscribe to its commands"
+        yield fake
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_send_a_command_from_the_device_page(browser, gateway, operator):
+    from playwright.sync_api import expect
+
+    with gateway.diagnosed(), fake_device(gateway, "dev-c") as device:
+        page = open_console(browser, gateway, operator)
+        gateway.publish("dev-c", "status", "online")
+        expect(page.locator('tr[data-device="dev-c"] [data-online]')).to_have_attribute("data-online", "true")
+        page.goto(f"{gateway.url}/devices/dev-c/")
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(page.locator("#commands-empty")).to_be_visible()
+
+        # Params that are not a JSON object: an inline error, and nothing leaves the page.
+        page.fill("#command-name", "reboot")
+        page.fill("#command-params", "[1, 2]")
+        page.click("#command-send")
+        expect(page.locator("#command-error")).to_be_visible()
+        expect(page.locator("#command-error")).to_contain_text("must be a JSON object")
+        expect(page.locator("#command-params")).to_have_attribute("aria-invalid", "true")
+        page.wait_for_timeout(300)
+        assert sent_frames(gateway, "command") == []
+        expect(page.locator("#command-rows > tr")).to_have_count(0)
+
+        # A valid command: the device gets it once, replies, and the table follows it to succeeded.
+        page.fill("#command-params", '{"delay": 1}')
+        page.click("#command-send")
+        row = page.locator("#command-rows > tr").filter(has_text="reboot")
+        expect(row).to_have_count(1)
+        expect(row.locator(".state")).to_have_text("succeeded")
+        expect(row.locator(".outcome")).to_contain_text("rebooted")
+        expect(row).to_have_attribute("data-state", "succeeded")
+        expect(page.locator("#command-error")).to_be_hidden()
+        expect(page.locator("#command-send")).to_be_enabled()
+
+        page.wait_for_timeout(500)  # time for a duplicate publication to show up, if there were one
+        assert len(device.received) == 1, device.received
+        topic, payload = device.received[0]
+        assert topic == f"{gateway.prefix}/dev-c/commands/reboot"
+        assert payload["params"] == {"delay": 1}
+        assert {"id", "ts", "expires", "ttl"} <= payload.keys(), payload
+        assert payload["expires"] > payload["ts"] and payload["ttl"] > 0, payload
+        assert row.get_attribute("data-command-id") == payload["id"]
+        sent = sent_frames(gateway, "command")
+        assert len(sent) == 1, sent
+        assert sent[0]["name"] == "reboot" and sent[0]["params"] == {"delay": 1} and sent[0]["request_id"], sent
+
+        screenshot(page, "device-command.png")
+        assert not [line for line in gateway.browser_log if line.startswith("page error")], gateway.browser_log
+
+
+def test_a_command_sent_while_disconnected_goes_out_once_on_reconnect(browser, gateway, operator):
+    from playwright.sync_api import expect
+
+    with gateway.diagnosed(), fake_device(gateway, "dev-q") as device:
+        page = open_console(browser, gateway, operator)
+        gateway.publish("dev-q", "status", "online")
+        expect(page.locator('tr[data-device="dev-q"] [data-online]')).to_have_attribute("data-online", "true")
+        page.goto(f"{gateway.url}/devices/dev-q/")
+        connection = page.locator("#connection")
+        expect(connection).to_have_attribute("data-state", "live")
+
+        gateway.stop()
+        expect(connection).to_have_attribute("data-state", "reconnecting")
+        page.fill("#command-name", "reboot")
+        page.click("#command-send")
+        expect(page.locator("#command-status")).to_contain_text("Not connected")
+        expect(page.locator("#command-send")).to_be_disabled()
+        page.click("#command-send", force=True)  # an impatient second click changes nothing
+        gateway.start()
+
+        expect(connection).to_have_attribute("data-state", "live", timeout=20_000)
+        row = page.locator("#command-rows > tr")
+        expect(row).to_have_count(1)
+        expect(row.locator(".state")).to_have_text("succeeded")
+        expect(page.locator("#command-send")).to_be_enabled()
+        page.wait_for_timeout(500)
+        assert [payload["params"] for _, payload in device.received] == [{}], device.received
+        commands = sent_frames(gateway, "command")
+        assert len(commands) == 1 and commands[0]["request_id"], commands

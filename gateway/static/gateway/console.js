@@ -15,6 +15,10 @@ const FLUSH_INTERVAL_MS = 200;
 const CLOCK_INTERVAL_MS = 5_000;
 const EVENTS_MAX = 100;
 const FLEET_VALUES_SHOWN = 12;
+const COMMANDS_MAX = 50;
+const COMMAND_IDS_MAX = 1_000;
+const COMMAND_TEXT_MAX = 200;
+const REQUEST_SENDS_MAX = 3; // a request sent this many times without an answer is given up (see request())
 const CLOSE_UNAUTHENTICATED = 4401;
 const CLOSE_FORBIDDEN = 4403;
 
@@ -28,6 +32,8 @@ const CLOSE_FORBIDDEN = 4403;
  * Callbacks: onEvent(frame) for each new device event; onGap(from, to) -> Promise when events could not be
  * replayed (reload state over HTTP); onState(state, detail) with state one of connecting, live, catching-up,
  * reconnecting, disconnected; onError(frame) for error frames.
+ *
+ * request(frame) sends a frame that carries a request_id (a command) and resolves with the server's answer.
  */
 export class GatewaySocket {
   constructor({ url, devices = "*", after = 0, onEvent, onGap, onState, onError }) {
@@ -52,6 +58,8 @@ export class GatewaySocket {
     this.catchUpTo = 0;
     this.gaps = 0;
     this.lastFrameAt = 0;
+    this.ready = false; // subscribed on the current socket
+    this.outbox = new Map(); // request_id -> {frame, sends, resolve}: requests the server has not answered yet
     this.setState("connecting");
   }
 
@@ -108,6 +116,7 @@ export class GatewaySocket {
     ws.onclose = (event) => {
       if (ws !== this.ws) return;
       this.ws = null;
+      this.ready = false;
       this.clearSocketTimers();
       if (this.stopped) return;
       if (event.code === CLOSE_UNAUTHENTICATED) {
@@ -154,6 +163,69 @@ export class GatewaySocket {
     return false;
   }
 
+  /** Whether a request made now goes out at once (otherwise it waits for the connection). */
+  get connected() {
+    return this.ready && this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  /**
+   * Send a frame that carries a `request_id` and keep it until the server answers: a command frame with that
+   * request_id, or an error frame whose `ref` is it. The promise resolves with that frame. A request made while
+   * the socket is down waits; one whose answer was lost with the connection is sent again after each
+   * reconnect, with the same request_id, so the server hands back the existing command instead of creating a
+   * second one. After REQUEST_SENDS_MAX unanswered sends (the request itself may be breaking the connection)
+   * it resolves with an error frame of code "no_answer".
+   */
+  request(frame) {
+    const requestId = frame.request_id;
+    const known = this.outbox.get(requestId);
+    if (known) return known.promise;
+    const entry = { frame, sends: 0, sentOn: null, resolve: null, promise: null };
+    entry.promise = new Promise((resolve) => {
+      entry.resolve = resolve;
+    });
+    this.outbox.set(requestId, entry);
+    if (this.connected) this.sendRequest(entry);
+    return entry.promise;
+  }
+
+  sendRequest(entry) {
+    if (entry.sends >= REQUEST_SENDS_MAX) {
+      this.answer(entry.frame.request_id, {
+        type: "error",
+        code: "no_answer",
+        message: `no answer from the gateway after ${entry.sends} attempts`,
+        ref: entry.frame.request_id,
+      });
+      return;
+    }
+    if (this.send(entry.frame)) {
+      entry.sends += 1;
+      entry.sentOn = this.ws;
+    }
+  }
+
+  /**
+   * A frame the server could not read (too large, not JSON) is refused without a `ref`. The server answers a
+   * socket's frames in order and only a request can be that large, so it is the oldest request still waiting
+   * for its answer on this socket.
+   */
+  unreadableRequest(frame) {
+    if (frame.ref !== undefined || !["too_large", "bad_json"].includes(frame.code)) return false;
+    for (const [requestId, entry] of this.outbox) {
+      if (entry.sentOn === this.ws) return this.answer(requestId, frame);
+    }
+    return false;
+  }
+
+  answer(requestId, frame) {
+    const entry = typeof requestId === "string" ? this.outbox.get(requestId) : undefined;
+    if (!entry) return false;
+    this.outbox.delete(requestId);
+    entry.resolve(frame);
+    return true;
+  }
+
   ping() {
     if (Date.now() - this.lastFrameAt > SILENCE_LIMIT_MS && this.ws) {
       // Half-open connection (laptop lid, NAT timeout): give up on it and reconnect.
@@ -176,6 +248,10 @@ export class GatewaySocket {
         break;
       case "subscribed":
         this.attempt = 0;
+        if (!this.ready) {
+          this.ready = true;
+          for (const entry of [...this.outbox.values()]) this.sendRequest(entry);
+        }
         if (this.catchUpTo) this.armQuietTimer(CATCH_UP_QUIET_MS);
         else this.maybeLive();
         break;
@@ -183,6 +259,7 @@ export class GatewaySocket {
         break;
       case "error":
         console.warn("gateway error frame:", frame.code, frame.message);
+        if (this.answer(frame.ref, frame) || this.unreadableRequest(frame)) break; // the requester shows it
         this.onError(frame);
         break;
       case "gap":
@@ -227,6 +304,8 @@ export class GatewaySocket {
     const id = frame && frame.id;
     if (!Number.isInteger(id) || typeof frame.device !== "string") return;
     if (id > this.lastId) this.lastId = id;
+    // Checked before the duplicate test: the answer to a resent request can be an event already delivered.
+    if (frame.type === "command" && this.outbox.size) this.answer(frame.request_id, frame);
     if (id <= this.floor || this.recent.has(id)) return;
     this.remember(id);
     try {
@@ -601,6 +680,256 @@ class FleetPage {
   }
 }
 
+// --- commands (device page) -----------------------------------------------------------------------------------
+
+const COMMAND_NAME_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const COMMAND_STATES = ["pending", "sent", "succeeded", "failed", "expired", "rejected"];
+
+/** A request_id: crypto.randomUUID() needs a secure context; plain http on a LAN address is not one. */
+function newRequestId() {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((byte) => byte.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+function truncate(text, max = COMMAND_TEXT_MAX) {
+  return text.length > max ? `${text.slice(0, max - 1)}…` : text;
+}
+
+function describeJson(value) {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  return `a ${typeof value}`;
+}
+
+/** A command's state as a coloured badge; only known states become a class name. */
+function setStateBadge(badge, state) {
+  const text = String(state ?? "unknown");
+  if (badge.dataset.state === text) return;
+  badge.dataset.state = text;
+  badge.className = `state state-${COMMAND_STATES.includes(text) ? text : "unknown"}`;
+  badge.textContent = text;
+}
+
+/** What the result column says for one command frame: its error, or its result as JSON. */
+function commandOutcome(frame) {
+  if (typeof frame.error === "string" && frame.error) return { text: frame.error, error: true };
+  if (frame.result !== undefined && frame.result !== null) {
+    let text;
+    try {
+      text = JSON.stringify(frame.result);
+    } catch {
+      text = String(frame.result);
+    }
+    return { text: text ?? "", error: false };
+  }
+  return { text: "", error: false };
+}
+
+/**
+ * The command form and the "Recent commands" table. Each command keeps the id of the last frame applied to it,
+ * and a frame is applied only when its id is higher: what an operator sees never goes back (pending after
+ * succeeded), whatever order replay and live delivery bring frames in.
+ */
+class CommandPanel {
+  constructor(deviceId, initial, requestRender) {
+    this.deviceId = deviceId;
+    this.requestRender = requestRender;
+    this.socket = null;
+    this.form = document.getElementById("command-form");
+    this.nameInput = document.getElementById("command-name");
+    this.paramsInput = document.getElementById("command-params");
+    this.timeoutInput = document.getElementById("command-timeout");
+    this.sendButton = document.getElementById("command-send");
+    this.status = document.getElementById("command-status");
+    this.error = document.getElementById("command-error");
+    this.body = document.getElementById("command-rows");
+    this.empty = document.getElementById("commands-empty");
+    this.lastIds = new Map(); // command_id -> id of the last frame applied (outlives rows dropped from the table)
+    this.entries = new Map(); // command_id -> {frame, since, tr, parts, dirty}
+    this.order = []; // command ids in table order, newest first
+    this.orderChanged = false;
+    this.inFlight = null; // the request_id awaiting its answer; the form sends nothing else meanwhile
+    if (!this.form) return;
+    this.form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.submit();
+    });
+    for (const input of [this.nameInput, this.paramsInput, this.timeoutInput]) {
+      input.addEventListener("input", () => input.removeAttribute("aria-invalid"));
+    }
+    // The view sends the latest state of recent commands, newest first.
+    for (const frame of Array.isArray(initial) ? initial : []) this.apply(frame, { append: true });
+  }
+
+  attach(socket) {
+    this.socket = socket;
+  }
+
+  /** Fold one command frame in; returns whether it changed anything. */
+  apply(frame, { append = false } = {}) {
+    const commandId = frame && frame.command_id;
+    if (typeof commandId !== "string" || !Number.isInteger(frame.id) || frame.device !== this.deviceId) return false;
+    const last = this.lastIds.get(commandId);
+    if (last !== undefined && frame.id <= last) return false; // older than what is shown: never go back
+    this.lastIds.delete(commandId); // re-inserted last: the Map's order is least recently updated first
+    this.lastIds.set(commandId, frame.id);
+    if (this.lastIds.size > COMMAND_IDS_MAX) this.lastIds.delete(this.lastIds.keys().next().value);
+    let entry = this.entries.get(commandId);
+    if (!entry) {
+      entry = { frame, since: frame.ts, tr: null, parts: null, dirty: true };
+      this.entries.set(commandId, entry);
+      if (append) this.order.push(commandId);
+      else this.order.unshift(commandId); // a command new to this page is the newest one
+      this.orderChanged = true;
+    } else {
+      entry.frame = frame;
+      entry.dirty = true;
+    }
+    return true;
+  }
+
+  // --- the form ---
+
+  submit() {
+    if (this.inFlight) return; // a second click while the first request waits for its answer
+    const command = this.readForm();
+    if (!command) return;
+    const frame = { op: "command", device: this.deviceId, request_id: newRequestId(), ...command };
+    this.inFlight = frame.request_id;
+    this.showError("");
+    this.sendButton.disabled = true;
+    this.form.setAttribute("aria-busy", "true");
+    const waiting = !this.socket || !this.socket.connected;
+    this.setStatus(waiting ? "Not connected: it will be sent when the connection is back…" : "Sending…");
+    if (!this.socket) return;
+    this.socket.request(frame).then((answer) => this.answered(frame, answer));
+  }
+
+  /** The command to send, from the form; null (with the reason shown) when something is not valid. */
+  readForm() {
+    const name = this.nameInput.value.trim();
+    if (!COMMAND_NAME_RE.test(name)) {
+      return this.invalid(
+        this.nameInput,
+        name ? "The command name may only hold letters, digits, _ and -, up to 64." : "Enter a command name.",
+      );
+    }
+    const text = this.paramsInput.value.trim();
+    let params = {};
+    if (text) {
+      try {
+        params = JSON.parse(text);
+      } catch (error) {
+        return this.invalid(this.paramsInput, `Params are not valid JSON: ${error.message}`);
+      }
+      if (params === null || typeof params !== "object" || Array.isArray(params)) {
+        return this.invalid(
+          this.paramsInput,
+          `Params must be a JSON object, like {"delay": 1}, not ${describeJson(params)}.`,
+        );
+      }
+    }
+    const command = { name, params };
+    const timeoutText = this.timeoutInput.value.trim();
+    if (this.timeoutInput.validity.badInput || timeoutText) {
+      const timeout = Number(timeoutText);
+      if (this.timeoutInput.validity.badInput || !Number.isFinite(timeout) || timeout < 1 || timeout > 3600) {
+        return this.invalid(this.timeoutInput, "The timeout is a number of seconds from 1 to 3600, or empty.");
+      }
+      command.timeout = timeout;
+    }
+    return command;
+  }
+
+  invalid(input, message) {
+    input.setAttribute("aria-invalid", "true");
+    this.showError(message);
+    this.setStatus("");
+    input.focus();
+    return null;
+  }
+
+  answered(frame, answer) {
+    if (this.inFlight !== frame.request_id) return;
+    this.inFlight = null;
+    this.sendButton.disabled = false;
+    this.form.removeAttribute("aria-busy");
+    if (answer.type === "error") {
+      this.setStatus("");
+      this.showError(`Not sent: ${answer.message || answer.code}`);
+      return;
+    }
+    // The answer is also a state change of the command: the table picks it up (even if it came as a duplicate).
+    if (this.apply(answer)) this.requestRender();
+    if (answer.state === "rejected") {
+      this.setStatus("");
+      this.showError(`“${frame.name}” was rejected: ${answer.error || "refused by the gateway"}`);
+    } else {
+      this.setStatus(`“${frame.name}” accepted: its state is under Recent commands.`);
+    }
+  }
+
+  showError(message) {
+    this.error.textContent = message;
+    this.error.hidden = !message;
+  }
+
+  setStatus(message) {
+    this.status.textContent = message;
+  }
+
+  // --- the table ---
+
+  render() {
+    if (!this.body) return;
+    if (this.orderChanged) {
+      for (const dropped of this.order.splice(COMMANDS_MAX)) this.entries.delete(dropped);
+      this.body.replaceChildren(...this.order.map((commandId) => this.row(commandId).tr));
+      this.orderChanged = false;
+    }
+    for (const entry of this.entries.values()) {
+      if (entry.dirty) this.renderRow(entry);
+    }
+    this.empty.hidden = this.order.length > 0;
+  }
+
+  row(commandId) {
+    const entry = this.entries.get(commandId);
+    if (entry.tr) return entry;
+    const tr = el("tr");
+    tr.dataset.commandId = commandId;
+    const time = el("td", "col-time");
+    const name = el("td", "col-name mono");
+    const stateCell = el("td", "col-state");
+    const badge = el("span", "state");
+    stateCell.append(badge);
+    const outcome = el("td", "outcome");
+    tr.append(time, name, stateCell, outcome);
+    entry.tr = tr;
+    entry.parts = { time, name, badge, outcome };
+    return entry;
+  }
+
+  renderRow(entry) {
+    const { frame, parts } = this.row(entry.frame.command_id);
+    entry.dirty = false;
+    entry.tr.dataset.state = String(frame.state);
+    parts.time.textContent = clockTime(entry.since);
+    parts.time.title = absoluteTime(entry.since);
+    parts.name.textContent = String(frame.name ?? "");
+    setStateBadge(parts.badge, frame.state);
+    parts.badge.title = typeof frame.ts === "number" ? `since ${absoluteTime(frame.ts)}` : "";
+    const { text, error } = commandOutcome(frame);
+    parts.outcome.textContent = truncate(text);
+    parts.outcome.title = text.length > COMMAND_TEXT_MAX ? truncate(text, 2_000) : "";
+    parts.outcome.classList.toggle("outcome-error", error);
+  }
+}
+
 // --- the device page ------------------------------------------------------------------------------------------
 
 class DevicePage {
@@ -617,11 +946,12 @@ class DevicePage {
     this.eventsEmpty = document.getElementById("events-empty");
     this.notice = document.getElementById("device-notice");
     this.metricRows = new Map(); // metric -> {tr, value, when}
-    this.metricsKey = "";
+    this.metricsKey = null; // nothing rendered yet: the first render also shows or hides "No telemetry yet"
     this.eventIds = new Set();
     this.pendingEvents = [];
     this.pendingNotes = [];
     this.scheduler = new RenderScheduler(() => this.flush());
+    this.commands = new CommandPanel(this.device.id, state.commands, () => this.scheduler.request());
     for (const frame of Array.isArray(state.events) ? state.events : []) this.queueEvent(frame);
     this.flush();
     setInterval(() => this.tickClock(), CLOCK_INTERVAL_MS);
@@ -631,15 +961,20 @@ class DevicePage {
     return [this.device.id];
   }
 
+  attach(socket) {
+    this.commands.attach(socket);
+  }
+
   onEvent(frame) {
     if (frame.device !== this.device.id) return;
     this.device.apply(frame);
+    if (frame.type === "command") this.commands.apply(frame);
     this.queueEvent(frame);
     this.scheduler.request();
   }
 
   onError(frame) {
-    if (frame.code === "unknown_device") {
+    if (frame.code === "unknown_device" && frame.ref === undefined) {
       this.showNotice("This device no longer exists or you may no longer see it: updates have stopped.");
     }
   }
@@ -664,6 +999,7 @@ class DevicePage {
     setTime(this.lastSeen, this.device.lastSeen);
     this.renderMetrics();
     this.renderEvents();
+    this.commands.render();
   }
 
   tickClock() {
@@ -769,8 +1105,11 @@ class DevicePage {
       }
       case "command": {
         typeCell.append(el("span", "tag tag-command", "command"));
-        detail.append(el("span", "event-name", frame.name), el("span", "event-message", frame.state));
-        if (frame.error) detail.append(el("span", "event-message", frame.error));
+        const badge = el("span", "state");
+        setStateBadge(badge, frame.state);
+        detail.append(el("span", "event-name", frame.name), badge);
+        const { text, error } = commandOutcome(frame);
+        if (text) detail.append(el("span", error ? "event-result outcome-error" : "event-result", truncate(text)));
         break;
       }
       default:
@@ -860,6 +1199,7 @@ function main() {
     onState: showConnection,
     onError: (frame) => page.onError(frame),
   });
+  if (page.attach) page.attach(socket);
   socket.start();
   window.addEventListener("online", () => socket.reconnectNow());
   // Close the socket when the page goes away (keeps it eligible for the back/forward cache) and resume,
