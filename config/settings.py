@@ -198,7 +198,8 @@ GATEWAY: GatewaySettings = {
     "BATCH_LINGER": env.float("GATEWAY_BATCH_LINGER_MS", 5.0) / 1000.0,
     "WS_QUEUE_MAX": env.int("GATEWAY_WS_QUEUE_MAX", 5000, minimum=10),
     "WS_FRAME_EVENTS": env.int("GATEWAY_WS_FRAME_EVENTS", 500, minimum=1),
-    "WS_MAX_FRAME": env.int("GATEWAY_WS_MAX_FRAME", 65536, minimum=1024),
+    # Above GATEWAY_MAX_PAYLOAD, so a command with the largest params still fits in one client frame.
+    "WS_MAX_FRAME": env.int("GATEWAY_WS_MAX_FRAME", 131072, minimum=1024),
     "HEARTBEAT_INTERVAL": env.float("GATEWAY_HEARTBEAT_INTERVAL", 5.0, minimum=0.1),
     # Commands for an offline device: "reject" at once, or "hold" until it is online or the deadline passes.
     "COMMANDS_OFFLINE": env.choice("GATEWAY_COMMANDS_OFFLINE", "reject", ("reject", "hold")),

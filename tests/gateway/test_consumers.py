@@ -121,7 +121,7 @@ async def test_token_in_an_authorization_header(layer):
         ('{"op": "subscribe", "devices": ["dev/+/#", "x\\u0000"]}', "unknown_device"),
         ('{"op": "command", "device": "nope", "name": "reboot", "request_id": "r1"}', "unknown_device"),
         ('{"op": "command", "device": "a", "name": 5}', "bad_frame"),
-        ('{"op": "ping", "pad": "' + "x" * 70000 + '"}', "too_large"),
+        ('{"op": "ping", "pad": "' + "x" * 140000 + '"}', "too_large"),
     ],
 )
 async def test_a_bad_frame_gets_an_error_and_the_socket_stays_open(layer, frame, code):
