@@ -1,6 +1,7 @@
 from django.contrib import admin
+from django.http import HttpRequest
 
-from devices.models import ApiToken, BridgeHeartbeat, Device, Event, Fleet, FleetAccess
+from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet, FleetAccess
 
 
 @admin.register(Device)
@@ -43,3 +44,18 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
 @admin.register(BridgeHeartbeat)
 class BridgeHeartbeatAdmin(admin.ModelAdmin[BridgeHeartbeat]):
     list_display = ["name", "connected", "detail", "updated_at"]
+
+
+@admin.register(Command)
+class CommandAdmin(admin.ModelAdmin[Command]):
+    """The audit trail: who sent what to which device, when, and how it ended."""
+
+    list_display = ["created_at", "device", "name", "state", "requested_by", "request_id", "finished_at", "error"]
+    list_filter = ["state", "name"]
+    search_fields = ["id", "device__id", "name", "request_id", "requested_by__username"]
+    raw_id_fields = ["device", "requested_by"]
+    readonly_fields = [f.name for f in Command._meta.fields]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # commands are sent from the console, WebSocket or API, which validate and publish them

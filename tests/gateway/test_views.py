@@ -67,7 +67,7 @@ def test_device_page_404s_for_unknown_devices(client, operator):
 
 def test_admin_pages_render(client, operator):
     Device.objects.create(id="dev-1")
-    for model in ("device", "event", "fleet", "apitoken", "bridgeheartbeat"):
+    for model in ("device", "event", "fleet", "apitoken", "bridgeheartbeat", "command"):
         assert client.get(reverse(f"admin:devices_{model}_changelist")).status_code == 200
 
 
