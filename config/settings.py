@@ -87,6 +87,21 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# --- HTTP security ------------------------------------------------------------------------------------------------
+# DJANGO_HTTPS: the console is served over HTTPS (directly, or behind a TLS proxy that sets X-Forwarded-Proto).
+HTTPS = env.bool("DJANGO_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SECURE_HSTS_SECONDS = 31_536_000 if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]  # probes and scrapers speak plain HTTP
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HTTPS else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
@@ -152,6 +167,10 @@ class GatewaySettings(TypedDict):
     COMMAND_TIMEOUT: float
     COMMAND_POLL_INTERVAL: float
     COMMAND_LEASE: float
+    WS_FRAMES_PER_SECOND: float
+    WS_MAX_SUBSCRIPTIONS: int
+    COMMANDS_PER_MINUTE: int
+    ACCESS_REFRESH: float
 
 
 # --- MQTT ----------------------------------------------------------------------------------------------------
@@ -206,6 +225,12 @@ GATEWAY: GatewaySettings = {
     "COMMAND_TIMEOUT": env.float("GATEWAY_COMMAND_TIMEOUT", 30.0, minimum=1.0),
     "COMMAND_POLL_INTERVAL": env.float("GATEWAY_COMMAND_POLL_INTERVAL", 1.0, minimum=0.05),
     "COMMAND_LEASE": env.float("GATEWAY_COMMAND_LEASE", 10.0, minimum=1.0),
+    # Abuse limits (contract section 6 and issue 5): per socket, per user.
+    "WS_FRAMES_PER_SECOND": env.float("GATEWAY_WS_FRAMES_PER_SECOND", 20.0, minimum=1.0),
+    "WS_MAX_SUBSCRIPTIONS": env.int("GATEWAY_WS_MAX_SUBSCRIPTIONS", 1000, minimum=1),
+    "COMMANDS_PER_MINUTE": env.int("GATEWAY_COMMANDS_PER_MINUTE", 60, minimum=1),
+    # How often open sockets re-check their user's grants and token (a change reaches them within 2x this).
+    "ACCESS_REFRESH": env.float("GATEWAY_ACCESS_REFRESH", 2.0, minimum=0.1),
 }
 
 LOGGING = {
