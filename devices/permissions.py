@@ -5,6 +5,7 @@ Superusers see and operate everything; other users see the devices of fleets gra
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AnonymousUser, User
@@ -50,3 +51,31 @@ def access_for(user: User | AnonymousUser) -> DeviceAccess:
         if level == FleetAccess.Level.OPERATE:
             operable.add(device_id)
     return DeviceAccess(everything=False, viewable=frozenset(viewable), operable=frozenset(operable))
+
+
+def accesses_for(*, user_ids: Collection[int]) -> dict[int, DeviceAccess]:
+    """``access_for`` for many users in two queries; users who are gone or inactive are left out."""
+    users = User.objects.filter(id__in=list(user_ids), is_active=True).values_list("id", "is_superuser")
+    result: dict[int, DeviceAccess] = {}
+    ordinary: list[int] = []
+    for user_id, is_superuser in users:
+        if is_superuser:
+            result[user_id] = DeviceAccess(everything=True)
+        else:
+            ordinary.append(user_id)
+    viewable: dict[int, set[str]] = {user_id: set() for user_id in ordinary}
+    operable: dict[int, set[str]] = {user_id: set() for user_id in ordinary}
+    grants = FleetAccess.objects.filter(group__user__in=ordinary).values_list(
+        "group__user", "fleet__devices__id", "level"
+    )
+    for user_id, device_id, level in grants:
+        if device_id is None:
+            continue
+        viewable[user_id].add(device_id)
+        if level == FleetAccess.Level.OPERATE:
+            operable[user_id].add(device_id)
+    for user_id in ordinary:
+        result[user_id] = DeviceAccess(
+            everything=False, viewable=frozenset(viewable[user_id]), operable=frozenset(operable[user_id])
+        )
+    return result

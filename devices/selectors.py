@@ -90,12 +90,26 @@ def recent_events(*, device_id: str, limit: int = 50, kinds: Collection[EventKin
 
 def user_for_token(*, token: str) -> User | None:
     """The active user an unrevoked API token belongs to, or ``None``."""
-    found = (
+    found = token_record(token=token)
+    return found.user if found is not None else None
+
+
+def token_record(*, token: str) -> ApiToken | None:
+    """The unrevoked token row (with its active user) for a presented token, or ``None``."""
+    return (
         ApiToken.objects.select_related("user")
         .filter(key_hash=hash_token(token), revoked_at__isnull=True, user__is_active=True)
         .first()
     )
-    return found.user if found is not None else None
+
+
+def valid_token_ids(*, token_ids: Collection[int]) -> set[int]:
+    """Those of ``token_ids`` that are neither revoked nor owned by an inactive user."""
+    return set(
+        ApiToken.objects.filter(id__in=list(token_ids), revoked_at__isnull=True, user__is_active=True).values_list(
+            "id", flat=True
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,10 +271,13 @@ def request_command(
     timeout: float,
     offline_policy: str,
     max_payload: int,
+    commands_per_minute: int | None = None,
 ) -> CommandOutcome:
     """Store an operator's command as pending (or rejected), or return the one with the same ``request_id``.
 
-    Raises ``CommandRefused`` for what cannot be stored: a device the user may not view (the same error as an
+    Stores it as rejected when the user may only view the device (``forbidden``), has sent ``commands_per_minute``
+    commands in the last minute (``rate_limited``), or the device is offline under the reject policy
+    (``device_offline``). Raises ``CommandRefused`` for what cannot be stored: a device the user may not view (the same error as an
     unknown one), a bad name, params that are not a JSON object or too large, a bad timeout.
     """
     if not is_device_id(device_id) or not access.can_view(device_id):
@@ -318,6 +321,11 @@ def request_command(
         )
         if not access.can_operate(device_id):
             _finish(command, Command.State.REJECTED, error="forbidden", at=now)
+        elif commands_per_minute is not None and (
+            Command.objects.filter(requested_by=user, created_at__gte=now - timedelta(minutes=1)).count()
+            >= commands_per_minute
+        ):
+            _finish(command, Command.State.REJECTED, error="rate_limited", at=now)
         elif not device.online and offline_policy == OFFLINE_REJECT:
             _finish(command, Command.State.REJECTED, error="device_offline", at=now)
         command.save(force_insert=True)

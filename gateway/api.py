@@ -145,6 +145,7 @@ def commands(request: HttpRequest) -> HttpResponse:
             timeout=body.get("timeout", conf["COMMAND_TIMEOUT"]),
             offline_policy=conf["COMMANDS_OFFLINE"],
             max_payload=conf["MAX_PAYLOAD"],
+            commands_per_minute=conf["COMMANDS_PER_MINUTE"],
         )
     except CommandRefused as exc:
         metrics.COMMANDS_REQUESTED.labels("refused").inc()

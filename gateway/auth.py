@@ -29,8 +29,9 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
 
 
 @db_call
-def _user_for_token(token: str) -> Any:
-    return selectors.user_for_token(token=token) or AnonymousUser()
+def _token_owner(token: str) -> tuple[Any, int | None]:
+    found = selectors.token_record(token=token)
+    return (found.user, found.id) if found is not None else (AnonymousUser(), None)
 
 
 class TokenAuthMiddleware(BaseMiddleware):
@@ -40,7 +41,7 @@ class TokenAuthMiddleware(BaseMiddleware):
         token = token_from_scope(scope)
         scope = dict(scope)
         if token is not None:
-            scope["user"] = await _user_for_token(token)
+            scope["user"], scope["token_id"] = await _token_owner(token)
             scope["auth_method"] = TOKEN
         else:
             scope["auth_method"] = SESSION

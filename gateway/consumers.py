@@ -24,17 +24,20 @@ from devices.permissions import DeviceAccess, access_for
 from devices.records import EventRecord
 from devices.services import CommandRefused
 from gateway import metrics
+from gateway.access import AccessWatcher
 from gateway.announce import announce
 from gateway.auth import SESSION, origin_allowed
 from gateway.db import db_call
 from gateway.events import PROTOCOL_VERSION, WireEvent, wire_event
 from gateway.feed import SocketFeed
 from gateway.hub import Hub
+from gateway.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+CLOSE_POLICY = 1008  # policy violation: sustained flooding
 MAX_DEVICES_PER_FRAME = 1000
 HUB_READY_TIMEOUT = 5.0
 
@@ -54,6 +57,8 @@ class EventsConsumer(AsyncWebsocketConsumer):
     feed: SocketFeed | None = None
     hub: Hub | None = None
     sender: asyncio.Task[None] | None = None
+    user_id: int = 0
+    token_id: int | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -85,6 +90,36 @@ class EventsConsumer(AsyncWebsocketConsumer):
             }
         )
         self.sender = asyncio.create_task(self._send_feed(), name="gateway-ws-sender")
+        self.user_id = user.pk
+        self.token_id = self.scope.get("token_id")
+        self.limiter = TokenBucket(rate=conf["WS_FRAMES_PER_SECOND"], burst=2 * conf["WS_FRAMES_PER_SECOND"])
+        self.refused_in_a_row = 0
+        self.watcher = AccessWatcher.for_loop(interval=conf["ACCESS_REFRESH"])
+        self.watcher.register(self)
+
+    # --- access kept current by the process's AccessWatcher ------------------------------------------------
+
+    @property
+    def access(self) -> DeviceAccess:
+        assert self.feed is not None
+        return self.feed.access
+
+    async def access_changed(self, access: DeviceAccess) -> None:
+        """Grants changed: drop subscriptions and queued events of devices the user may no longer view."""
+        if self.feed is None or self.hub is None:
+            return
+        self.feed.access = access
+        lost = {device for device in self.feed.devices if not access.can_view(device)}
+        if lost:
+            self.hub.unsubscribe(self.feed, lost)
+        self.feed.forget(access.can_view)
+        if lost:
+            await self._send_subscribed()
+
+    async def access_revoked(self) -> None:
+        """The user was deactivated or deleted, or the socket's token revoked."""
+        metrics.WS_REFUSED.labels(str(CLOSE_UNAUTHENTICATED)).inc()
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def _refuse(self, code: int) -> None:
         metrics.WS_REFUSED.labels(str(code)).inc()
@@ -95,6 +130,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
         if self.feed is None:
             return
         metrics.WS_CLIENTS.dec()
+        self.watcher.unregister(self)
         if self.hub is not None:
             self.hub.detach(self.feed)
         if self.sender is not None:
@@ -126,6 +162,10 @@ class EventsConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.feed is None:
             return
+        if not self.limiter.allow():
+            await self._too_fast()
+            return
+        self.refused_in_a_row = 0
         if text_data is None:
             await self._error("bad_frame", "binary frames are not supported; send JSON text")
             return
@@ -166,6 +206,15 @@ class EventsConsumer(AsyncWebsocketConsumer):
         except FrameError as exc:
             await self._error(exc.code, str(exc), ref)
 
+    async def _too_fast(self) -> None:
+        """Over the frame rate: an error for the first refused frame, a close when it goes on (abuse)."""
+        self.refused_in_a_row += 1
+        if self.refused_in_a_row == 1:
+            await self._error("rate_limited", f"more than {self.limiter.rate:g} frames per second; slow down")
+        elif self.refused_in_a_row > self.limiter.burst * 5:
+            metrics.WS_REFUSED.labels(str(CLOSE_POLICY)).inc()
+            await self.close(code=CLOSE_POLICY)
+
     async def op_ping(self, frame: dict[str, Any]) -> None:
         await self._send({"type": "pong"})
 
@@ -188,6 +237,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
                 timeout=frame.get("timeout", conf["COMMAND_TIMEOUT"]),
                 offline_policy=conf["COMMANDS_OFFLINE"],
                 max_payload=conf["MAX_PAYLOAD"],
+                commands_per_minute=conf["COMMANDS_PER_MINUTE"],
             )
         except CommandRefused as exc:
             metrics.COMMANDS_REQUESTED.labels("refused").inc()
@@ -216,6 +266,9 @@ class EventsConsumer(AsyncWebsocketConsumer):
         if devices is None:
             wanted = None
         else:
+            cap = settings.GATEWAY["WS_MAX_SUBSCRIPTIONS"]
+            if len(self.feed.devices | set(devices)) > cap:
+                raise FrameError("too_many_subscriptions", f"a socket may subscribe to at most {cap} devices")
             wanted = await _visible(self.feed.access, devices)
             unknown = sorted(set(devices) - wanted)
             if unknown:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from devices.permissions import DeviceAccess
@@ -69,6 +69,14 @@ class SocketFeed:
             self._items.append(Gap(first, last))
         if not self._held:
             self._ready.set()
+
+    def forget(self, keep: Callable[[str], bool]) -> int:
+        """Drop queued events whose device ``keep`` refuses (access was withdrawn); returns how many."""
+        before = self._events
+        self._items = deque(item for item in self._items if isinstance(item, Gap) or keep(item["device"]))
+        self._events = sum(1 for item in self._items if not isinstance(item, Gap))
+        self._replay_left = min(self._replay_left, self._events)
+        return before - self._events
 
     def hold(self) -> None:
         self._held += 1
