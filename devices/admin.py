@@ -1,6 +1,8 @@
 from django.contrib import admin
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from devices import services
 from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet, FleetAccess
 
 
@@ -36,9 +38,21 @@ class FleetAdmin(admin.ModelAdmin[Fleet]):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
+    """Tokens are issued with ``manage.py issue_token`` (the token is shown once); here they are listed and revoked.
+    Open sockets using a revoked token are closed within seconds."""
+
     list_display = ["prefix", "user", "name", "created", "last_used", "revoked_at"]
-    readonly_fields = ["prefix", "key_hash", "created", "last_used"]
+    readonly_fields = ["prefix", "key_hash", "created", "last_used", "revoked_at"]
     list_filter = ["revoked_at"]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        for token in queryset.filter(revoked_at__isnull=True):
+            services.revoke_token(token_id=token.id)
 
 
 @admin.register(BridgeHeartbeat)

@@ -203,6 +203,12 @@ def issue_token(*, user: User, name: str = "") -> str:
     return token
 
 
+def touch_token(*, token_id: int) -> None:
+    """Record that a token was used (at most once a minute, to keep writes off the hot path)."""
+    now = timezone.now()
+    ApiToken.objects.filter(id=token_id).exclude(last_used__gt=now - timedelta(minutes=1)).update(last_used=now)
+
+
 def revoke_token(*, token_id: int) -> None:
     ApiToken.objects.filter(id=token_id, revoked_at__isnull=True).update(revoked_at=timezone.now())
 
@@ -277,8 +283,8 @@ def request_command(
 
     Stores it as rejected when the user may only view the device (``forbidden``), has sent ``commands_per_minute``
     commands in the last minute (``rate_limited``), or the device is offline under the reject policy
-    (``device_offline``). Raises ``CommandRefused`` for what cannot be stored: a device the user may not view (the same error as an
-    unknown one), a bad name, params that are not a JSON object or too large, a bad timeout.
+    (``device_offline``). Raises ``CommandRefused`` for what cannot be stored: a device the user may not view (the
+    same error as an unknown one), a bad name, params that are not a JSON object or too large, a bad timeout.
     """
     if not is_device_id(device_id) or not access.can_view(device_id):
         raise CommandRefused("unknown_device", f"unknown device {device_id!r}")

@@ -60,10 +60,11 @@ def api_auth(view: View) -> View:
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         token = bearer_token(request)
         if token is not None:
-            user = selectors.user_for_token(token=token) if token else None
-            if user is None:
+            found = selectors.token_record(token=token) if token else None
+            if found is None:
                 return error(401, "unauthenticated", "invalid or revoked API token")
-            request.user = user
+            services.touch_token(token_id=found.id)
+            request.user = found.user
         elif request.user.is_authenticated:
             # ``view`` itself is not csrf_exempt, so the check runs (it passes safe methods such as GET).
             if _csrf.process_view(request, view, args, kwargs) is not None:

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.request import validate_host
 
-from devices import selectors
+from devices import selectors, services
 from gateway.db import db_call
 
 SESSION = "session"
@@ -31,7 +31,10 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
 @db_call
 def _token_owner(token: str) -> tuple[Any, int | None]:
     found = selectors.token_record(token=token)
-    return (found.user, found.id) if found is not None else (AnonymousUser(), None)
+    if found is None:
+        return AnonymousUser(), None
+    services.touch_token(token_id=found.id)
+    return found.user, found.id
 
 
 class TokenAuthMiddleware(BaseMiddleware):

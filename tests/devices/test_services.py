@@ -107,3 +107,16 @@ def test_ensure_operator_creates_once():
     password = services.ensure_operator(username="operator")
     assert password and get_user_model().objects.get(username="operator").check_password(password)
     assert services.ensure_operator(username="operator") is None
+
+
+def test_token_use_is_recorded_at_most_once_a_minute():
+    user = get_user_model().objects.create_user(username="script2", password="x")
+    services.issue_token(user=user)
+    stored = user.api_tokens.get()
+    services.touch_token(token_id=stored.id)
+    stored.refresh_from_db()
+    first = stored.last_used
+    assert first is not None
+    services.touch_token(token_id=stored.id)
+    stored.refresh_from_db()
+    assert stored.last_used == first
