@@ -362,7 +362,8 @@ class Processes:
                 print(f"warning: could not stop {proc.name} (pid {proc.pid}): {exc}", file=sys.stderr)
 
 
-def start_mosquitto(procs: Processes, workdir: Path) -> int:
+def start_mosquitto(procs: Processes, workdir: Path, *, extra_config: str = "") -> int:
+    """A fresh Mosquitto on a free port (``extra_config``: more lines for its configuration file)."""
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(
@@ -374,7 +375,7 @@ def start_mosquitto(procs: Processes, workdir: Path) -> int:
         "log_dest stdout\n"
         "log_type error\n"
         "log_type warning\n"
-        "log_type notice\n"
+        "log_type notice\n" + extra_config
     )
     proc = procs.start("mosquitto", [MOSQUITTO, "-c", str(conf)], env=None, log=workdir / "mosquitto.log")
     deadline = time.monotonic() + 10

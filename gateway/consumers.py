@@ -163,7 +163,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
         if self.feed is None:
             return
         if not self.limiter.allow():
-            await self._too_fast()
+            await self._too_fast(text_data)
             return
         self.refused_in_a_row = 0
         if text_data is None:
@@ -206,12 +206,14 @@ class EventsConsumer(AsyncWebsocketConsumer):
         except FrameError as exc:
             await self._error(exc.code, str(exc), ref)
 
-    async def _too_fast(self) -> None:
-        """Over the frame rate: an error for the first refused frame, a close when it goes on (abuse)."""
+    async def _too_fast(self, text_data: str | None) -> None:
+        """Over the frame rate: an error for the first refused frame and for each refused request (so a client
+        waiting on a request_id hears about it), silence for the rest, a close when it goes on (abuse)."""
         self.refused_in_a_row += 1
-        if self.refused_in_a_row == 1:
-            await self._error("rate_limited", f"more than {self.limiter.rate:g} frames per second; slow down")
-        elif self.refused_in_a_row > self.limiter.burst * 5:
+        ref = _request_id_of(text_data)
+        if self.refused_in_a_row == 1 or ref is not None:
+            await self._error("rate_limited", f"more than {self.limiter.rate:g} frames per second; slow down", ref)
+        if self.refused_in_a_row > self.limiter.burst * 5:
             metrics.WS_REFUSED.labels(str(CLOSE_POLICY)).inc()
             await self.close(code=CLOSE_POLICY)
 
@@ -323,6 +325,18 @@ class EventsConsumer(AsyncWebsocketConsumer):
     async def _send_subscribed(self) -> None:
         assert self.feed is not None
         await self._send({"type": "subscribed", "devices": "*" if self.feed.wildcard else sorted(self.feed.devices)})
+
+
+def _request_id_of(text_data: str | None) -> str | None:
+    """The request_id of a small JSON frame, if it has one (used to answer refused requests)."""
+    if text_data is None or len(text_data) > 4096 or "request_id" not in text_data:
+        return None
+    try:
+        frame = orjson.loads(text_data)
+    except orjson.JSONDecodeError:
+        return None
+    request_id = frame.get("request_id") if isinstance(frame, dict) else None
+    return request_id if isinstance(request_id, str) else None
 
 
 def _devices_field(frame: dict[str, Any]) -> list[str] | None:

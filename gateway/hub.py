@@ -156,6 +156,8 @@ class Hub:
         source, seq = batch["source"], batch["seq"]
         last_id = batch["events"][-1]["id"] if batch["events"] else batch["prev_id"]
         previous = self._sources.get(source)
+        if previous is not None and seq <= previous[0]:
+            return  # late (reordered in transit): deliver it, but neither rewind nor report a loss
         self._sources[source] = (seq, max(last_id, previous[1] if previous else 0))
         self._sources.move_to_end(source)
         while len(self._sources) > _MAX_SOURCES:

@@ -96,6 +96,7 @@ class Bridge:
             settings=settings.commands,
             announce=self._announce,
         )
+        self._announce_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
         self.last_error = ""
@@ -320,6 +321,12 @@ class Bridge:
         return combined
 
     async def _announce(self, stored: list[EventRecord]) -> None:
+        # One at a time: the ingest path, the command publisher and the sweeper all announce, and two sends in
+        # flight at once could reach the layer out of sequence (the hub would report a loss and states go back).
+        async with self._announce_lock:
+            await self._send_announcements(stored)
+
+    async def _send_announcements(self, stored: list[EventRecord]) -> None:
         for start in range(0, len(stored), LAYER_CHUNK):
             chunk = stored[start : start + LAYER_CHUNK]
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ class MqttClient:
             queue_type=queue_type,
             max_queued_incoming_messages=config.queue_max,
             timeout=10,
+            # Without it, Nagle's algorithm meets the broker's delayed ACKs and holds small packets (a command, a
+            # PUBACK) for ~40 ms: the command round trip measured 96 ms at p50 instead of ~18.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             **kwargs,
         )
         # Acknowledge after storage: must be set before connecting, or a persistent session's queued messages are

@@ -160,3 +160,20 @@ def test_commands_per_minute_are_limited_per_user(django_user_model):
         for _ in range(4)
     ]
     assert states == ["pending", "pending", "pending", "rejected"]
+
+
+async def test_a_refused_request_still_gets_an_answer_with_its_ref(layer, settings):
+    settings.GATEWAY = {**settings.GATEWAY, "WS_FRAMES_PER_SECOND": 1}
+    _, _, token = await viewer_of_north()
+    communicator = await open_socket(token)
+    for _ in range(2):
+        await communicator.send_json_to({"op": "ping"})
+    for n in range(3):
+        await communicator.send_json_to({"op": "command", "device": "n1", "name": "x", "request_id": f"r{n}"})
+    refs = []
+    while len(refs) < 3:
+        frame = await communicator.receive_json_from()
+        if frame["type"] == "error" and frame["code"] == "rate_limited":
+            refs.append(frame.get("ref"))
+    assert refs == ["r0", "r1", "r2"]
+    await communicator.disconnect()
