@@ -912,8 +912,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--nodelay",
         choices=("off", "broker", "all"),
-        default="off",
-        help="diagnostic: disable Nagle's algorithm in Mosquitto (broker) or also in the gateway and the device (all)",
+        default="broker",
+        help="Nagle's algorithm: 'broker' (default) runs Mosquitto with set_tcp_nodelay true, as deploy/ recommends "
+        "(the gateway sets TCP_NODELAY itself); 'off' shows an untuned broker (~40 ms more per reply); "
+        "'all' also forces it in the device process",
     )
     parser.add_argument(
         "--gateway-env",
