@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import uuid
 from collections.abc import Collection, Iterable, Sequence
@@ -292,14 +293,14 @@ def request_command(
         raise CommandRefused("bad_command", f"invalid command name {name!r}: 1-64 of A-Z a-z 0-9 _ -")
     if not isinstance(params, dict):
         raise CommandRefused("bad_command", f"params must be a JSON object, got {type(params).__name__}")
-    try:
-        size = len(json.dumps(params, allow_nan=False, ensure_ascii=False).encode()) + COMMAND_ENVELOPE
-    except (TypeError, ValueError) as exc:
-        raise CommandRefused("bad_command", f"params are not plain JSON: {exc}") from None
+    _check_plain_json(params, "params")
+    size = len(json.dumps(params, ensure_ascii=False).encode()) + COMMAND_ENVELOPE
     if size > max_payload:
         raise CommandRefused("too_large", f"command payload of {size} bytes would exceed {max_payload}")
-    if request_id is not None and (not isinstance(request_id, str) or not 1 <= len(request_id) <= 100):
-        raise CommandRefused("bad_command", "request_id must be a string of 1-100 characters")
+    if request_id is not None and (
+        not isinstance(request_id, str) or not 1 <= len(request_id) <= 100 or "\x00" in request_id
+    ):
+        raise CommandRefused("bad_command", "request_id must be a string of 1-100 characters without NUL")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 3600:
         raise CommandRefused("bad_command", f"timeout {timeout!r} must be a number of seconds from 1 to 3600")
     now = timezone.now()
@@ -337,6 +338,51 @@ def request_command(
         command.save(force_insert=True)
         events = _store_command_events([command], now.timestamp())
     return CommandOutcome(command=command, created=True, events=events)
+
+
+COMMAND_PARAMS_DEPTH = 32
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what the MQTT side's encoder (orjson) accepts
+
+
+def _check_plain_json(value: object, where: str, depth: int = 0) -> None:
+    """Params must survive every store and encoder on the way to the device: bounded depth, finite numbers,
+    64-bit integers, and no NUL (PostgreSQL's jsonb refuses it)."""
+    if depth > COMMAND_PARAMS_DEPTH:
+        raise CommandRefused("bad_command", f"{where} is nested more than {COMMAND_PARAMS_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or "\x00" in key:
+                raise CommandRefused("bad_command", f"{where} has a key that is not a string without NUL")
+            _check_plain_json(item, f"{where}.{key[:40]}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_plain_json(item, f"{where}[{index}]", depth + 1)
+    elif isinstance(value, str):
+        if "\x00" in value:
+            raise CommandRefused("bad_command", f"{where} contains NUL")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            raise CommandRefused("bad_command", f"{where} is an integer outside 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise CommandRefused("bad_command", f"{where} is not a finite number")
+    else:
+        raise CommandRefused("bad_command", f"{where} is not JSON ({type(value).__name__})")
+
+
+def fail_command(*, command_id: str, error: str) -> list[EventRecord]:
+    """A command that cannot be published at all (should not happen: requests are validated) ends as failed."""
+    now = timezone.now()
+    with transaction.atomic():
+        lock_event_ids()
+        command = Command.objects.filter(id=command_id, state=Command.State.PENDING).first()
+        if command is None:
+            return []
+        _finish(command, Command.State.FAILED, at=now, error=error)
+        command.save(update_fields=["state", "finished_at", "error", "result", "lease_owner", "lease_until"])
+        return _store_command_events([command], now.timestamp())
 
 
 def _finish(command: Command, state: str, *, at: datetime, error: str = "", result: Any = None) -> None:

@@ -45,7 +45,7 @@ async def _layer() -> Check:
     if layer is None:
         return Check("channel_layer", False, "no channel layer configured")
     try:
-        channel = await layer.new_channel(prefix="gateway.readyz")
+        channel = await layer.new_channel()
         await layer.send(channel, {"type": "gateway.readyz"})
         await asyncio.wait_for(layer.receive(channel), 2.0)
     except Exception as exc:

@@ -107,7 +107,9 @@ class Hub:
         while True:
             try:
                 if self.channel_name is None:
-                    self.channel_name = await self._layer.new_channel(prefix="gateway.hub")
+                    # The default prefix: channels_redis multiplexes a process's channels over one Redis list only
+                    # when they share it; another prefix would make this receive and others block each other.
+                    self.channel_name = await self._layer.new_channel()
                 await self._layer.group_add(EVENTS_GROUP, self.channel_name)
                 refresher = asyncio.create_task(self._refresh_membership(self.channel_name))
                 self.ready.set()

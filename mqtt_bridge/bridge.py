@@ -143,7 +143,10 @@ class Bridge:
                     finally:
                         publisher.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
-                            await publisher
+                            try:
+                                await publisher
+                            except Exception:  # it already logged; reconnecting must not fail because of it
+                                logger.exception("command publisher ended with an error")
             except BrokerUnavailable as exc:
                 metrics.RECONNECTS.inc()
                 self.last_error = str(exc)

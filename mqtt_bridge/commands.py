@@ -24,7 +24,7 @@ from gateway.events import COMMANDS_GROUP
 from mqtt_bridge import metrics
 from mqtt_bridge.client import BrokerUnavailable, MqttClient
 from mqtt_bridge.store import BridgeStore
-from mqtt_bridge.topics import Channel, TopicError, Topics
+from mqtt_bridge.topics import Channel, Topics
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class CommandDispatcher:
         while True:
             try:
                 if channel is None:
-                    channel = await self._layer.new_channel(prefix="gateway.bridge")
+                    channel = await self._layer.new_channel()
                 await self._layer.group_add(COMMANDS_GROUP, channel)
                 while True:
                     await self._layer.receive(channel)
@@ -104,7 +104,15 @@ class CommandDispatcher:
                     hold_offline=self._settings.hold_offline,
                 )
                 for command in claimed:
-                    await self._publish(client, command)
+                    try:
+                        await self._publish(client, command)
+                    except BrokerUnavailable:
+                        raise
+                    except Exception as exc:  # one bad command must never stop the others
+                        logger.exception("command %s could not be published", command.id)
+                        await self._announce(
+                            await self._store.fail_command(command_id=command.id, error=f"publish_error: {exc}"[:200])
+                        )
                 if len(claimed) < self._settings.batch:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval)
@@ -117,11 +125,7 @@ class CommandDispatcher:
         remaining = command.expires_at - now_wall
         self.deadlines.setdefault(command.id, now_mono + remaining)
         ttl = self.deadlines[command.id] - now_mono
-        try:
-            topic = self._topics.command(command.device_id, command.name)
-        except TopicError as exc:  # stored commands are validated; this guards against a tampered row
-            logger.error("command %s not published: %s", command.id, exc)
-            return
+        topic = self._topics.command(command.device_id, command.name)  # TopicError: a tampered row, failed above
         try:
             await client.publish(
                 topic,

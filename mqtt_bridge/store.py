@@ -53,6 +53,11 @@ class BridgeStore:
             services.mark_sent, command_id=command_id, owner=owner
         )
 
+    async def fail_command(self, *, command_id: str, error: str) -> list[EventRecord]:
+        return await sync_to_async(self._in_thread, thread_sensitive=True)(
+            services.fail_command, command_id=command_id, error=error
+        )
+
     async def release_claim(self, *, command_id: str) -> None:
         await sync_to_async(self._in_thread, thread_sensitive=True)(services.release_claim, command_id=command_id)
 

@@ -84,6 +84,13 @@ def test_the_same_request_id_within_a_day_returns_the_existing_command(operator,
         ({"timeout": 0}, "bad_command"),
         ({"timeout": 99999}, "bad_command"),
         ({"params": {"blob": "x" * 70000}}, "too_large"),
+        ({"params": {"a": {"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}}, "bad_command"),
+        ({"params": {"s": "x\x00"}}, "bad_command"),
+        ({"params": {"x\x00": 1}}, "bad_command"),
+        ({"params": {"n": float("inf")}}, "bad_command"),
+        ({"params": {"n": 2**64}}, "bad_command"),
+        ({"params": {"o": object()}}, "bad_command"),
+        ({"request_id": "r\x00"}, "bad_command"),
     ],
 )
 def test_malformed_commands_are_refused_and_never_stored(operator, online_device, kwargs, code):
@@ -199,3 +206,11 @@ def test_command_event_and_recent_commands(operator, online_device):
     latest = selectors.command_event(command_id=command.id, device_id="dev-1")
     assert latest is not None and latest.body["state"] == "sent"
     assert [c.id for c in selectors.recent_commands(device_id="dev-1")] == [command.id]
+
+
+def test_a_command_that_cannot_be_published_fails_once(operator, online_device):
+    command = request(operator).command
+    assert [e.body["state"] for e in services.fail_command(command_id=command.id, error="publish_error: x")] == [
+        "failed"
+    ]
+    assert services.fail_command(command_id=command.id, error="again") == []

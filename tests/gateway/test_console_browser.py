@@ -468,3 +468,68 @@ def test_a_command_sent_while_disconnected_goes_out_once_on_reconnect(browser, g
         assert [payload["params"] for _, payload in device.received] == [{}], device.received
         commands = sent_frames(gateway, "command")
         assert len(commands) == 1 and commands[0]["request_id"], commands
+
+
+# Records every CSP violation the page reports (Playwright's init scripts are not subject to the page's policy).
+RECORD_CSP_VIOLATIONS = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolations.push(`${event.effectiveDirective} blocked ${event.blockedURI || "inline"}`);
+});
+"""
+ADMIN_PAGES = [
+    "/admin/",
+    "/admin/devices/device/",
+    "/admin/devices/device/dev-p/change/",
+    "/admin/devices/fleet/add/",
+    "/admin/devices/command/",
+    "/admin/auth/group/add/",
+    "/admin/auth/user/",
+]
+
+
+def test_console_and_admin_run_under_the_content_security_policy(browser, gateway, operator):
+    from playwright.sync_api import expect
+
+    from tests.gateway.test_security import CSP
+
+    with gateway.diagnosed():
+        page = open_console(browser, gateway, operator)
+        page.add_init_script(RECORD_CSP_VIOLATIONS)
+        gateway.publish("dev-p", "telemetry", {"temp": 20.5, "label": XSS_IMG})
+        gateway.publish("dev-p", "status", "online")
+
+        # The fleet page, fetched again so that the recorder runs from its first line.
+        response = page.goto(f"{gateway.url}/")
+        assert response is not None and response.headers.get("content-security-policy") == CSP, response.headers
+        # connect-src 'self' must let the page open its WebSocket to the same host (ws:, not listed explicitly).
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(page.locator('tr[data-device="dev-p"] [data-metric="temp"] .value')).to_have_text("20.5")
+        assert page.evaluate("window.__cspViolations") == []
+
+        # The device page and its command form (a fetch-free WebSocket op).
+        response = page.goto(f"{gateway.url}/devices/dev-p/")
+        assert response is not None and response.headers.get("content-security-policy") == CSP
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(page.locator('#metric-rows tr[data-metric="label"] .value')).to_have_text(XSS_IMG)
+        page.fill("#command-name", "reboot")
+        page.click("#command-send")
+        expect(page.locator("#command-rows > tr")).to_have_count(1)
+        assert page.evaluate("window.__cspViolations") == []
+        assert page.evaluate("typeof window.__xss") == "undefined"
+
+        # Django's admin runs under the same policy (Django 5.2's admin has no inline scripts or styles).
+        for path in ADMIN_PAGES:
+            response = page.goto(f"{gateway.url}{path}")
+            assert response is not None and response.status == 200, path
+            assert response.headers.get("content-security-policy") == CSP, path
+            page.wait_for_load_state("networkidle")
+            assert page.evaluate("window.__cspViolations") == [], path
+
+        complaints = [
+            line
+            for line in gateway.browser_log
+            if "content security policy" in line.lower() or "refused" in line.lower()
+        ]
+        assert complaints == [], complaints
+        assert not [line for line in gateway.browser_log if line.startswith("page error")], gateway.browser_log
