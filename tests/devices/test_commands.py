@@ -41,6 +41,13 @@ def request(user, device_id="dev-1", name="reboot", params=None, request_id=None
     )
 
 
+def nested(depth: int) -> dict[str, object]:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return {"deep": value}
+
+
 def command_states(command_id: str) -> list[str]:
     events = Event.objects.filter(kind="command", body__command_id=command_id).order_by("id")
     return [e.body["state"] for e in events]
@@ -84,7 +91,7 @@ def test_the_same_request_id_within_a_day_returns_the_existing_command(operator,
         ({"timeout": 0}, "bad_command"),
         ({"timeout": 99999}, "bad_command"),
         ({"params": {"blob": "x" * 70000}}, "too_large"),
-        ({"params": {"a": {"b": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}}, "bad_command"),
+        ({"params": nested(40)}, "bad_command"),
         ({"params": {"s": "x\x00"}}, "bad_command"),
         ({"params": {"x\x00": 1}}, "bad_command"),
         ({"params": {"n": float("inf")}}, "bad_command"),
