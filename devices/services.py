@@ -381,8 +381,11 @@ def fail_command(*, command_id: str, error: str) -> list[EventRecord]:
         if command is None:
             return []
         _finish(command, Command.State.FAILED, at=now, error=error)
-        command.save(update_fields=["state", "finished_at", "error", "result", "lease_owner", "lease_until"])
+        command.save(update_fields=_FINAL_FIELDS)
         return _store_command_events([command], now.timestamp())
+
+
+_FINAL_FIELDS = ["state", "finished_at", "error", "result", "lease_owner", "lease_until"]
 
 
 def _finish(command: Command, state: str, *, at: datetime, error: str = "", result: Any = None) -> None:
@@ -472,7 +475,7 @@ def record_replies(*, replies: Sequence[Reply]) -> ReplyResult:
                 continue
             state = Command.State.SUCCEEDED if reply.ok else Command.State.FAILED
             _finish(command, state, at=now, error=reply.error or ("" if reply.ok else "failed"), result=reply.result)
-            command.save(update_fields=["state", "finished_at", "error", "result", "lease_owner", "lease_until"])
+            command.save(update_fields=_FINAL_FIELDS)
             finished.append(command)
         result.events = _store_command_events(finished, now.timestamp())
     return result
@@ -497,6 +500,6 @@ def expire_commands(*, command_ids: Collection[str] = (), overdue_before: dateti
                 _finish(command, Command.State.FAILED, at=now, error="outcome_unknown")
             else:
                 _finish(command, Command.State.EXPIRED, at=now, error="no reply before the deadline")
-            command.save(update_fields=["state", "finished_at", "error", "result", "lease_owner", "lease_until"])
+            command.save(update_fields=_FINAL_FIELDS)
             finished.append(command)
         return _store_command_events(finished, now.timestamp())

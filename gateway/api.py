@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 from asgiref.sync import async_to_sync
-from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, User
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
@@ -24,8 +23,8 @@ from devices import selectors, services
 from devices.models import Command
 from devices.permissions import access_for
 from devices.services import CommandRefused
-from gateway import metrics
 from gateway.announce import announce
+from gateway.commands import request_command
 from gateway.events import event_frame
 
 COMMANDS_LIST_DEFAULT = 20
@@ -133,26 +132,12 @@ def commands(request: HttpRequest) -> HttpResponse:
     device, name = body.get("device"), body.get("name")
     if not isinstance(device, str) or not isinstance(name, str):
         return error(400, "bad_request", "a command needs string fields device and name")
-    conf = settings.GATEWAY
     user = _user(request)
     try:
-        outcome = services.request_command(
-            user=user,
-            access=access_for(user),
-            device_id=device,
-            name=name,
-            params=body.get("params", {}),
-            request_id=body.get("request_id"),
-            timeout=body.get("timeout", conf["COMMAND_TIMEOUT"]),
-            offline_policy=conf["COMMANDS_OFFLINE"],
-            max_payload=conf["MAX_PAYLOAD"],
-            commands_per_minute=conf["COMMANDS_PER_MINUTE"],
-        )
+        outcome = request_command(user=user, access=access_for(user), device_id=device, name=name, fields=body)
     except CommandRefused as exc:
-        metrics.COMMANDS_REQUESTED.labels("refused").inc()
         return error(404 if exc.code == "unknown_device" else 400, exc.code, str(exc))
     command = outcome.command
-    metrics.COMMANDS_REQUESTED.labels(command.state if outcome.created else "repeated").inc()
     if outcome.created:
         async_to_sync(announce)(outcome.events, wake_bridges=command.state == Command.State.PENDING)
         last_event = event_frame(outcome.events[-1]) if outcome.events else None

@@ -17,13 +17,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from devices import selectors, services
+from devices import selectors
 from devices.identifiers import is_device_id
 from devices.models import Command
 from devices.permissions import DeviceAccess, access_for
 from devices.records import EventRecord
 from devices.services import CommandRefused
-from gateway import metrics
+from gateway import commands, metrics
 from gateway.access import AccessWatcher
 from gateway.announce import announce
 from gateway.auth import SESSION, origin_allowed
@@ -227,25 +227,13 @@ class EventsConsumer(AsyncWebsocketConsumer):
         device, name = frame.get("device"), frame.get("name")
         if not isinstance(device, str) or not isinstance(name, str):
             raise FrameError("bad_frame", "command needs string fields device and name")
-        conf = settings.GATEWAY
         try:
             outcome = await _request_command(
-                user=self.scope["user"],
-                access=self.feed.access,
-                device_id=device,
-                name=name,
-                params=frame.get("params", {}),
-                request_id=frame.get("request_id"),
-                timeout=frame.get("timeout", conf["COMMAND_TIMEOUT"]),
-                offline_policy=conf["COMMANDS_OFFLINE"],
-                max_payload=conf["MAX_PAYLOAD"],
-                commands_per_minute=conf["COMMANDS_PER_MINUTE"],
+                user=self.scope["user"], access=self.feed.access, device_id=device, name=name, fields=frame
             )
         except CommandRefused as exc:
-            metrics.COMMANDS_REQUESTED.labels("refused").inc()
             raise FrameError(exc.code, str(exc)) from None
         command = outcome.command
-        metrics.COMMANDS_REQUESTED.labels(command.state if outcome.created else "repeated").inc()
         if outcome.created:
             await announce(outcome.events, wake_bridges=command.state == Command.State.PENDING)
             if self.feed.wants(command.device_id):
@@ -374,7 +362,7 @@ def _visible(access: DeviceAccess, devices: list[str]) -> set[str]:
     return selectors.visible_device_ids(access=access, candidates=[d for d in devices if is_device_id(d)])
 
 
-_request_command = db_call(services.request_command)
+_request_command = db_call(commands.request_command)
 
 
 @db_call

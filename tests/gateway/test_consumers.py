@@ -44,6 +44,18 @@ def store(*pairs: tuple[str, float]) -> list[EventRecord]:
     return services.ingest(observations=observations, auto_register=True, max_devices=1000).stored
 
 
+@sync_to_async
+def grant_view(user: Any, device_id: str) -> None:
+    """Let ``user`` view one device, through a group and a fleet."""
+    from django.contrib.auth.models import Group
+
+    group = Group.objects.create(name=f"view-{device_id}")
+    user.groups.add(group)
+    fleet = Fleet.objects.create(name=f"fleet-{device_id}")
+    fleet.devices.add(Device.objects.get(id=device_id))
+    FleetAccess.objects.create(fleet=fleet, group=group, level="view")
+
+
 async def announce(layer, records: list[EventRecord]) -> None:
     await layer.group_send(EVENTS_GROUP, publisher.message(records))
 
@@ -170,18 +182,7 @@ async def test_live_events_reach_only_subscribed_devices_in_batches(layer):
 async def test_unknown_and_invisible_devices_get_the_same_error(layer):
     await store(("secret", 0), ("mine", 0))
     user, token = await make_user("viewer", superuser=False)
-
-    @sync_to_async
-    def grant() -> None:
-        from django.contrib.auth.models import Group
-
-        group = Group.objects.create(name="g")
-        user.groups.add(group)
-        fleet = Fleet.objects.create(name="f")
-        fleet.devices.add(Device.objects.get(id="mine"))
-        FleetAccess.objects.create(fleet=fleet, group=group, level="view")
-
-    await grant()
+    await grant_view(user, "mine")
     communicator = await connect(token)
     await hello_and_subscribe(communicator, {"op": "subscribe", "devices": ["secret", "mine"]})
     error = await communicator.receive_json_from()
@@ -197,18 +198,7 @@ async def test_unknown_and_invisible_devices_get_the_same_error(layer):
 async def test_wildcard_delivers_only_what_the_user_may_view(layer):
     await store(("secret", 0), ("mine", 0))
     user, token = await make_user("viewer", superuser=False)
-
-    @sync_to_async
-    def grant() -> None:
-        from django.contrib.auth.models import Group
-
-        group = Group.objects.create(name="g")
-        user.groups.add(group)
-        fleet = Fleet.objects.create(name="f")
-        fleet.devices.add(Device.objects.get(id="mine"))
-        FleetAccess.objects.create(fleet=fleet, group=group, level="view")
-
-    await grant()
+    await grant_view(user, "mine")
     communicator = await connect(token)
     await hello_and_subscribe(communicator, {"op": "subscribe", "devices": "*", "after": 0})
     assert await communicator.receive_json_from() == {"type": "subscribed", "devices": "*"}
