@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
 from typing import Any, TypedDict
@@ -176,6 +177,13 @@ class GatewaySettings(TypedDict):
 
 # --- MQTT ----------------------------------------------------------------------------------------------------
 _mqtt = mqtt_url(env.str("MQTT_URL", "mqtt://127.0.0.1:1883"))
+
+
+def _default_client_id() -> str:
+    subscriptions = f"{env.str('GATEWAY_TOPIC_PREFIX', 'devices')}|{env.raw('GATEWAY_MQTT_SHARED_GROUP') or ''}"
+    return f"gateway-bridge-{socket.gethostname()}-{hashlib.sha256(subscriptions.encode()).hexdigest()[:8]}"
+
+
 MQTT: MqttSettings = {
     "HOST": _mqtt.host,
     "PORT": _mqtt.port,
@@ -184,7 +192,9 @@ MQTT: MqttSettings = {
     "PASSWORD": _mqtt.password,
     "DISPLAY_URL": _mqtt.display(),
     "PROTOCOL": env.choice("MQTT_PROTOCOL", "5", ("5", "3.1.1")),
-    "CLIENT_ID": env.str("GATEWAY_MQTT_CLIENT_ID", f"gateway-bridge-{socket.gethostname()}"),
+    # The default names the host and the subscriptions: a persistent session keeps its subscriptions, so a bridge
+    # whose prefix or shared group changed must not resume the old session (it would receive the old topics).
+    "CLIENT_ID": env.str("GATEWAY_MQTT_CLIENT_ID", _default_client_id()),
     "KEEPALIVE": env.int("GATEWAY_MQTT_KEEPALIVE", 30, minimum=5, maximum=3600),
     "SESSION_EXPIRY": env.int("GATEWAY_MQTT_SESSION_EXPIRY", 3600, minimum=0),
     "RECEIVE_MAXIMUM": env.int("GATEWAY_MQTT_RECEIVE_MAXIMUM", 1000, minimum=1, maximum=65535),
