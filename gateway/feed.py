@@ -34,6 +34,10 @@ class SocketFeed:
         self._items: deque[WireEvent | Gap] = deque()
         self._events = 0
         self._replay_left = 0  # replayed events still queued: they do not count against the live bound
+        # After a replay, ids at or below its cutoff were replayed (or reported as a gap): a late announcement of
+        # one of them must not be sent again. Per replayed device, or for all devices after a wildcard replay.
+        self._floor_all = 0
+        self._floors: dict[str, int] = {}
         self._held = 0
         self._ready = asyncio.Event()
         self.dropped = 0
@@ -44,6 +48,8 @@ class SocketFeed:
         return device_id in self.devices
 
     def push(self, event: WireEvent) -> None:
+        if event["id"] <= self._floor_all or event["id"] <= self._floors.get(event["device"], 0):
+            return  # already replayed: announced after the replay's query, but committed before it
         if self._events - self._replay_left >= self._max:
             self._drop(event["id"], event["id"], "queue_full")
             return
@@ -92,7 +98,8 @@ class SocketFeed:
         """Put a replay in front of what was queued meanwhile, dropping queued duplicates.
 
         A queued event of ``replayed_devices`` (all devices when ``None``) with an id at or below ``cutoff``
-        is already in the replay (ids become visible in order), so it goes.
+        is already in the replay (ids become visible in order), so it goes; and so does one pushed later (an event
+        committed before the replay's query can be announced after this release).
         """
         head: list[WireEvent | Gap] = [Gap(*gap)] if gap else []
         head.extend(replay)
@@ -105,6 +112,11 @@ class SocketFeed:
             or (replayed_devices is not None and item["device"] not in replayed_devices)
         ]
         self._items = deque(head + kept)
+        if replayed_devices is None:
+            self._floor_all = max(self._floor_all, cutoff)
+        else:
+            for device in replayed_devices:
+                self._floors[device] = max(self._floors.get(device, 0), cutoff)
         self._events = sum(1 for item in self._items if not isinstance(item, Gap))
         self._held = max(0, self._held - 1)
         if self._items and not self._held:

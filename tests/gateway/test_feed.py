@@ -281,3 +281,24 @@ async def test_a_replay_larger_than_the_bound_does_not_crowd_out_live_events():
     socket_feed.push(wired(8))  # the live bound still holds
     assert socket_feed.dropped == 1
     assert await take(socket_feed) == [("events", [1, 2, 3, 4, 5, 6, 7]), ("gap", 8, 8)]
+
+
+async def test_an_event_announced_after_the_replay_that_contained_it_is_not_sent_twice():
+    socket_feed = SocketFeed(access=DeviceAccess(everything=True), max_events=100, frame_events=100)
+    socket_feed.devices = {"a", "b"}
+    socket_feed.hold()
+    socket_feed.release(replay=[wired(5, "a"), wired(6, "a")], replayed_devices={"a"}, cutoff=6)
+    socket_feed.push(wired(6, "a"))  # committed before the query, announced only now
+    socket_feed.push(wired(4, "b"))  # another device, not replayed: delivered
+    socket_feed.push(wired(7, "a"))
+    assert await take(socket_feed) == [("events", [5, 6, 4, 7])]
+
+
+async def test_a_wildcard_replay_floors_every_device():
+    socket_feed = SocketFeed(access=DeviceAccess(everything=True), max_events=100, frame_events=100)
+    socket_feed.wildcard = True
+    socket_feed.hold()
+    socket_feed.release(replay=[wired(9, "a")], replayed_devices=None, cutoff=9)
+    socket_feed.push(wired(8, "z"))
+    socket_feed.push(wired(10, "z"))
+    assert await take(socket_feed) == [("events", [9, 10])]
