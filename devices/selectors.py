@@ -34,10 +34,14 @@ def last_event_id() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """Events to resend, oldest first, and the id range that could not be replayed (``None`` if none)."""
+    """Events to resend, oldest first, and the id range that could not be replayed (``None`` if none).
+
+    ``horizon`` is the last id committed before the query: nothing above it can be in ``events`` unless it was
+    committed meanwhile, so a client's ``after`` beyond it says nothing about events still to come."""
 
     events: list[EventRecord]
     gap: tuple[int, int] | None
+    horizon: int = 0
 
 
 def events_after(*, after: int, device_ids: Collection[str] | None, limit: int) -> Replay:
@@ -45,10 +49,11 @@ def events_after(*, after: int, device_ids: Collection[str] | None, limit: int) 
 
     When more than ``limit`` exist, the oldest are left out and reported as a gap.
     """
+    horizon = last_event_id()  # before the query (contract section 4: ids become visible in order)
     events: QuerySet[Event] = Event.objects.filter(id__gt=after)
     if device_ids is not None:
         if not device_ids:
-            return Replay(events=[], gap=None)
+            return Replay(events=[], gap=None, horizon=horizon)
         events = events.filter(device_id__in=list(device_ids))
     newest = list(events.order_by("-id")[: limit + 1])
     newest.reverse()
@@ -61,7 +66,7 @@ def events_after(*, after: int, device_ids: Collection[str] | None, limit: int) 
         # Ids are never reused, so ids between ``after`` and the oldest stored one were purged (retention).
         gap_end = max(gap_end, oldest - 1)
     gap = (after + 1, gap_end) if gap_end > after else None
-    return Replay(events=[record_of(event) for event in newest], gap=gap)
+    return Replay(events=[record_of(event) for event in newest], gap=gap, horizon=horizon)
 
 
 def visible_device_ids(*, access: DeviceAccess, candidates: Collection[str]) -> set[str]:

@@ -307,7 +307,9 @@ class EventsConsumer(AsyncWebsocketConsumer):
             replay=events,
             gap=replay.gap,
             replayed_devices=devices,
-            cutoff=max(after, events[-1]["id"] if events else 0),
+            # What the client has, as far as it can be true: an ``after`` past the horizon (a hostile or stale
+            # client) must not hide events committed later.
+            cutoff=max(events[-1]["id"] if events else 0, min(after, replay.horizon)),
         )
 
     async def _send_subscribed(self) -> None:

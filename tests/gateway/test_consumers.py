@@ -313,3 +313,17 @@ async def test_a_slow_socket_gets_a_gap_instead_of_unbounded_memory(layer, setti
     assert delivered == [r.id for r in records[:10]]
     assert gaps == [{"type": "gap", "from": records[10].id, "to": records[-1].id}]
     await communicator.disconnect()
+
+
+async def test_an_after_beyond_the_last_id_does_not_hide_later_events(layer):
+    _, token = await make_user()
+    await store(("a", 0))
+    communicator = await connect(token)
+    await hello_and_subscribe(communicator, {"op": "subscribe", "devices": ["a"], "after": 2**62})
+    assert (await communicator.receive_json_from())["type"] == "subscribed"
+    await Hub.for_layer(layer).ready.wait()
+    records = await store(("a", 1))
+    await announce(layer, records)
+    seen = await frames_until(communicator, lambda f: f.get("id") == records[0].id)
+    assert [f["id"] for f in seen] == [records[0].id]
+    await communicator.disconnect()
