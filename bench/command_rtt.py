@@ -24,10 +24,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -49,8 +47,10 @@ from mqtt_to_ws import (
     gateway_env,
     log_problems,
     prepare_database,
+    print_cpu_note,
     py_spy_dumps,
     read_metrics,
+    run_in_tempdir,
     start_mosquitto,
     versions,
     wait_ready,
@@ -971,14 +971,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["_device"]:
         return run_device(argv[1:])
     args = parse_args(argv)
-    cpu_before = cpu_seconds()
-    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-rtt-"))
-    started = time.monotonic()
-    try:
-        results = asyncio.run(main_async(args, tmp))
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+    results, tmp, started, cpu_before = run_in_tempdir(args, main_async, prefix="gw-bench-rtt-")
     print()
     print(
         f"Command round trip WebSocket -> gateway -> device -> gateway -> WebSocket, {args.commands:,} commands per"
@@ -991,11 +984,7 @@ def main(argv: list[str]) -> int:
     for line in verdicts(results):
         print(f"target: {line}")
     cpu = cpu_report(cpu_before, cpu_seconds())
-    if cpu["others_share"] > 0.05:
-        print(
-            f"note: other processes used {cpu['others_s']:.0f} CPU-s ({100 * cpu['others_share']:.0f} % of the"
-            f" machine) during this run; this run used {cpu['ours_s']:.0f} CPU-s: expect noisier figures"
-        )
+    print_cpu_note(cpu)
     for line in notes(results):
         print(f"note: {line}")
     for case in results:

@@ -38,9 +38,10 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(Path(__file__).resolve())
@@ -1025,18 +1026,43 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> list[CaseResult]:
     return results
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["_publish"]:
-        return run_publisher(argv[1:])
-    args = parse_args(argv)
+R = TypeVar("R")
+
+
+def run_in_tempdir(
+    args: argparse.Namespace,
+    main_async: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, R]],
+    *,
+    prefix: str,
+) -> tuple[R, Path, float, tuple[float, float, float]]:
+    """Run ``main_async(args, tmp)`` in a fresh temporary directory (removed unless ``--keep``).
+
+    Returns its results, the directory, the start time and the machine's CPU seconds before the run."""
     cpu_before = cpu_seconds()
-    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     started = time.monotonic()
     try:
         results = asyncio.run(main_async(args, tmp))
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    return results, tmp, started, cpu_before
+
+
+def print_cpu_note(cpu: dict[str, Any]) -> None:
+    """Say so when other processes took a noticeable share of the machine during the run."""
+    if cpu["others_share"] > 0.05:
+        print(
+            f"note: other processes used {cpu['others_s']:.0f} CPU-s ({100 * cpu['others_share']:.0f} % of the"
+            f" machine) during this run; this run used {cpu['ours_s']:.0f} CPU-s: expect noisier figures"
+        )
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_publish"]:
+        return run_publisher(argv[1:])
+    args = parse_args(argv)
+    results, tmp, started, cpu_before = run_in_tempdir(args, main_async, prefix="gw-bench-")
     print()
     print(
         f"MQTT -> ONE WebSocket client, QoS {args.qos}, {args.messages:,} messages of ~120 B"
@@ -1045,11 +1071,7 @@ def main(argv: list[str]) -> int:
     )
     print(table(results))
     cpu = cpu_report(cpu_before, cpu_seconds())
-    if cpu["others_share"] > 0.05:
-        print(
-            f"note: other processes used {cpu['others_s']:.0f} CPU-s ({100 * cpu['others_share']:.0f} % of the"
-            f" machine) during this run; this run used {cpu['ours_s']:.0f} CPU-s: expect noisier figures"
-        )
+    print_cpu_note(cpu)
     for line in notes(results):
         print(f"note: {line}")
     print_profiles(results)
