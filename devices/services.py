@@ -7,7 +7,7 @@ import json
 import math
 import secrets
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -374,14 +374,23 @@ def _check_plain_json(value: object, where: str, depth: int = 0) -> None:
 
 def fail_command(*, command_id: str, error: str) -> list[EventRecord]:
     """A command that cannot be published at all (should not happen: requests are validated) ends as failed."""
+
+    def fail(command: Command, now: datetime) -> list[str]:
+        _finish(command, Command.State.FAILED, at=now, error=error)
+        return _FINAL_FIELDS
+
+    return _move_pending(command_id, fail)
+
+
+def _move_pending(command_id: str, change: Callable[[Command, datetime], list[str]]) -> list[EventRecord]:
+    """Apply ``change`` to a command that is still pending, save the fields it names, record the new state."""
     now = timezone.now()
     with transaction.atomic():
         lock_event_ids()
         command = Command.objects.filter(id=command_id, state=Command.State.PENDING).first()
         if command is None:
-            return []
-        _finish(command, Command.State.FAILED, at=now, error=error)
-        command.save(update_fields=_FINAL_FIELDS)
+            return []  # it moved on meanwhile (a reply, the sweeper)
+        command.save(update_fields=change(command, now))
         return _store_command_events([command], now.timestamp())
 
 
@@ -429,17 +438,14 @@ def claim_commands(*, owner: str, lease: float, limit: int, hold_offline: bool) 
 
 def mark_sent(*, command_id: str, owner: str) -> list[EventRecord]:
     """The broker acknowledged the publish: pending -> sent (nothing if the command moved on meanwhile)."""
-    now = timezone.now()
-    with transaction.atomic():
-        lock_event_ids()
-        command = Command.objects.filter(id=command_id, state=Command.State.PENDING).first()
-        if command is None:
-            return []
+
+    def sent(command: Command, now: datetime) -> list[str]:
         command.state = Command.State.SENT
         command.sent_at = now
         command.lease_owner = owner
-        command.save(update_fields=["state", "sent_at", "lease_owner"])
-        return _store_command_events([command], now.timestamp())
+        return ["state", "sent_at", "lease_owner"]
+
+    return _move_pending(command_id, sent)
 
 
 def release_claim(*, command_id: str) -> None:
