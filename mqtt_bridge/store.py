@@ -16,9 +16,15 @@ from devices.records import CommandToSend, EventRecord, IngestResult, Observatio
 T = TypeVar("T")
 
 
-def _fresh_connection() -> None:
-    # Like channels.db.database_sync_to_async: drop a connection the database closed (restart, timeout).
+def _in_thread(func: Callable[..., T], kwargs: dict[str, Any]) -> T:
+    # Like channels.db.database_sync_to_async: drop a connection the database closed (restart, timeout) first.
     close_old_connections()
+    return func(**kwargs)
+
+
+async def _call(func: Callable[..., T], **kwargs: Any) -> T:
+    """Run a service in Django's sync thread (one at a time, like every other ORM call of this process)."""
+    return await sync_to_async(_in_thread, thread_sensitive=True)(func, kwargs)
 
 
 class BridgeStore:
@@ -26,56 +32,34 @@ class BridgeStore:
         self._auto_register = auto_register
         self._max_devices = max_devices
 
-    def _ingest(self, observations: Sequence[Observation]) -> IngestResult:
-        _fresh_connection()
-        return services.ingest(
-            observations=observations, auto_register=self._auto_register, max_devices=self._max_devices
-        )
-
     async def ingest(self, observations: Sequence[Observation]) -> IngestResult:
-        return await sync_to_async(self._ingest, thread_sensitive=True)(observations)
-
-    @staticmethod
-    def _in_thread(func: Callable[..., T], **kwargs: Any) -> T:
-        _fresh_connection()
-        return func(**kwargs)
+        return await _call(
+            services.ingest,
+            observations=observations,
+            auto_register=self._auto_register,
+            max_devices=self._max_devices,
+        )
 
     async def replies(self, replies: Sequence[Reply]) -> ReplyResult:
-        return await sync_to_async(self._in_thread, thread_sensitive=True)(services.record_replies, replies=replies)
+        return await _call(services.record_replies, replies=replies)
 
     async def claim_commands(self, *, owner: str, lease: float, limit: int, hold_offline: bool) -> list[CommandToSend]:
-        return await sync_to_async(self._in_thread, thread_sensitive=True)(
-            services.claim_commands, owner=owner, lease=lease, limit=limit, hold_offline=hold_offline
-        )
+        return await _call(services.claim_commands, owner=owner, lease=lease, limit=limit, hold_offline=hold_offline)
 
     async def mark_sent(self, *, command_id: str, owner: str) -> list[EventRecord]:
-        return await sync_to_async(self._in_thread, thread_sensitive=True)(
-            services.mark_sent, command_id=command_id, owner=owner
-        )
+        return await _call(services.mark_sent, command_id=command_id, owner=owner)
 
     async def fail_command(self, *, command_id: str, error: str) -> list[EventRecord]:
-        return await sync_to_async(self._in_thread, thread_sensitive=True)(
-            services.fail_command, command_id=command_id, error=error
-        )
+        return await _call(services.fail_command, command_id=command_id, error=error)
 
     async def release_claim(self, *, command_id: str) -> None:
-        await sync_to_async(self._in_thread, thread_sensitive=True)(services.release_claim, command_id=command_id)
+        await _call(services.release_claim, command_id=command_id)
 
     async def expire_commands(self, *, command_ids: Collection[str], overdue_before: datetime) -> list[EventRecord]:
-        return await sync_to_async(self._in_thread, thread_sensitive=True)(
-            services.expire_commands, command_ids=command_ids, overdue_before=overdue_before
-        )
-
-    def _heartbeat(self, name: str, connected: bool, detail: str) -> None:
-        _fresh_connection()
-        services.record_bridge_heartbeat(name=name, connected=connected, detail=detail)
+        return await _call(services.expire_commands, command_ids=command_ids, overdue_before=overdue_before)
 
     async def heartbeat(self, *, name: str, connected: bool, detail: str) -> None:
-        await sync_to_async(self._heartbeat, thread_sensitive=True)(name, connected, detail)
-
-    def _purge(self, retention_days: int) -> int:
-        _fresh_connection()
-        return services.purge_history(older_than=time.time() - retention_days * 86400)
+        await _call(services.record_bridge_heartbeat, name=name, connected=connected, detail=detail)
 
     async def purge(self, *, retention_days: int) -> int:
-        return await sync_to_async(self._purge, thread_sensitive=True)(retention_days)
+        return await _call(services.purge_history, older_than=time.time() - retention_days * 86400)
