@@ -79,6 +79,23 @@ def _reject_non_finite(payload: bytes) -> None:
         pass
 
 
+def _load_object(payload: bytes, max_payload: int, what: str) -> dict[str, Any]:
+    data = _load_json(payload, max_payload)
+    if not isinstance(data, dict):
+        raise PayloadError("not_object", f"{what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _optional_string(data: dict[str, Any], key: str, *, reason: str) -> str | None:
+    """``data[key]`` when it is a bounded string without NUL, ``None`` when absent; ``reason`` otherwise."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PayloadError(reason, f"{key} {value!r} is not a string")
+    return _check_string(value, key)
+
+
 def _check_string(value: str, where: str) -> str:
     if len(value) > MAX_STRING:
         raise PayloadError("string_too_long", f"{where}: string of {len(value)} characters exceeds {MAX_STRING}")
@@ -130,9 +147,7 @@ def _flatten(obj: dict[str, Any], prefix: str, depth: int, out: dict[str, Any]) 
 
 
 def parse_telemetry(payload: bytes, *, max_payload: int) -> Telemetry:
-    data = _load_json(payload, max_payload)
-    if not isinstance(data, dict):
-        raise PayloadError("not_object", f"telemetry must be a JSON object, got {type(data).__name__}")
+    data = _load_object(payload, max_payload, "telemetry")
     device_ts = data.get("ts")
     if device_ts is not None:
         if isinstance(device_ts, bool) or not isinstance(device_ts, int | float) or not math.isfinite(device_ts):
@@ -178,40 +193,28 @@ MAX_COMMAND_ID = 64
 
 def parse_reply(payload: bytes, *, max_payload: int) -> CommandReply:
     """``{"id": str, "ok": bool, "result": any?, "error": str?}`` (contract section 1)."""
-    data = _load_json(payload, max_payload)
-    if not isinstance(data, dict):
-        raise PayloadError("not_object", f"reply must be a JSON object, got {type(data).__name__}")
+    data = _load_object(payload, max_payload, "reply")
     command_id = data.get("id")
     if not isinstance(command_id, str) or not 1 <= len(command_id) <= MAX_COMMAND_ID or "\x00" in command_id:
         raise PayloadError("bad_reply_id", f"reply id {command_id!r} must be a string of 1-{MAX_COMMAND_ID} characters")
     ok = data.get("ok")
     if not isinstance(ok, bool):
         raise PayloadError("bad_reply_ok", f"reply ok {ok!r} must be true or false")
-    error = data.get("error")
-    if error is not None:
-        if not isinstance(error, str):
-            raise PayloadError("bad_reply_error", f"reply error {error!r} must be a string")
-        _check_string(error, "error")
+    error = _optional_string(data, "error", reason="bad_reply_error")
     result = data.get("result")
     _check_json_value(result, "result")
     return CommandReply(command_id=command_id, ok=ok, result=result, error=error)
 
 
 def parse_event(payload: bytes, *, max_payload: int) -> DeviceEvent:
-    data = _load_json(payload, max_payload)
-    if not isinstance(data, dict):
-        raise PayloadError("not_object", f"event must be a JSON object, got {type(data).__name__}")
+    data = _load_object(payload, max_payload, "event")
     name = data.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_EVENT_NAME or "\x00" in name:
         raise PayloadError("bad_event_name", f"event name {name!r} must be a string of 1-{MAX_EVENT_NAME} characters")
     severity = data.get("severity")
     if not isinstance(severity, str) or severity not in SEVERITIES:
         raise PayloadError("bad_severity", f"severity {severity!r} is not one of info, warning, critical")
-    message = data.get("message")
-    if message is not None:
-        if not isinstance(message, str):
-            raise PayloadError("bad_message", f"message {message!r} is not a string")
-        _check_string(message, "message")
+    message = _optional_string(data, "message", reason="bad_message")
     extra = {key: value for key, value in data.items() if key not in EVENT_KEYS}
     _check_json_value(extra, "data")
     return DeviceEvent(name=name, severity=str(severity), message=message, data=extra)
