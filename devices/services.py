@@ -423,17 +423,19 @@ def claim_commands(*, owner: str, lease: float, limit: int, hold_offline: bool) 
         Command.objects.filter(id__in=[c.id for c in claimed]).update(
             lease_owner=owner, lease_until=now + timedelta(seconds=lease), attempts=F("attempts") + 1
         )
-    return [
-        CommandToSend(
-            id=c.id,
-            device_id=c.device_id,
-            name=c.name,
-            params=c.params,
-            created_at=c.created_at.timestamp(),
-            expires_at=c.expires_at.timestamp(),
-        )
-        for c in claimed
-    ]
+    return [command_to_send(command) for command in claimed]
+
+
+def command_to_send(command: Command) -> CommandToSend:
+    """What a bridge needs to publish a stored command."""
+    return CommandToSend(
+        id=command.id,
+        device_id=command.device_id,
+        name=command.name,
+        params=command.params,
+        created_at=command.created_at.timestamp(),
+        expires_at=command.expires_at.timestamp(),
+    )
 
 
 def mark_sent(*, command_id: str, owner: str) -> list[EventRecord]:

@@ -436,19 +436,9 @@ def test_oversized_frames(sock, errors, size, filler):
 
 def stored_command_payload(command_id: str) -> bytes:
     from devices.models import Command
-    from devices.records import CommandToSend
     from mqtt_bridge.commands import command_payload
 
-    command = Command.objects.get(id=command_id)
-    claimed = CommandToSend(
-        id=command.id,
-        device_id=command.device_id,
-        name=command.name,
-        params=command.params,
-        created_at=command.created_at.timestamp(),
-        expires_at=command.expires_at.timestamp(),
-    )
-    return command_payload(claimed, ttl=30.0)
+    return command_payload(services.command_to_send(Command.objects.get(id=command_id)), ttl=30.0)
 
 
 @pytest.mark.parametrize(
