@@ -155,3 +155,15 @@ class Command(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} -> {self.device_id} ({self.state})"
+
+
+class Lease(models.Model):
+    """A named role that one bridge holds at a time (for example ``status``: the one bridge that records
+    presence), renewed before ``until`` by its owner and taken over by another once it lapses."""
+
+    name = models.CharField(primary_key=True, max_length=64)
+    owner = models.CharField(max_length=200)
+    until = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.owner} until {self.until:%H:%M:%S}"
