@@ -14,12 +14,12 @@ from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Field, Q
 from django.utils import timezone
 
 from devices.identifiers import is_command_name, is_device_id
-from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event
+from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event, Lease
 from devices.permissions import DeviceAccess
 from devices.records import (
     CommandToSend,
@@ -191,6 +191,32 @@ def record_bridge_heartbeat(*, name: str, connected: bool, detail: str = "") -> 
     BridgeHeartbeat.objects.update_or_create(
         name=name, defaults={"connected": connected, "detail": detail[:300], "updated_at": timezone.now()}
     )
+
+
+def hold_lease(*, name: str, owner: str, ttl: float) -> bool:
+    """Take or renew the role ``name`` for ``owner`` for ``ttl`` seconds; False while another owner holds it.
+
+    One conditional UPDATE (or the first INSERT) decides, so two bridges racing for a lapsed lease cannot both win.
+    """
+    now = timezone.now()
+    until = now + timedelta(seconds=ttl)
+    with transaction.atomic():
+        taken = Lease.objects.filter(Q(owner=owner) | Q(until__lt=now), name=name).update(owner=owner, until=until)
+        if taken:
+            return True
+        if Lease.objects.filter(name=name).exists():
+            return False
+        try:
+            with transaction.atomic():
+                Lease.objects.create(name=name, owner=owner, until=until)
+        except IntegrityError:
+            return False  # another owner created it first
+        return True
+
+
+def release_lease(*, name: str, owner: str) -> None:
+    """Give the role up at once (on a clean stop), so another bridge need not wait for it to lapse."""
+    Lease.objects.filter(name=name, owner=owner).delete()
 
 
 def hash_token(token: str) -> str:

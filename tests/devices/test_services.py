@@ -1,10 +1,12 @@
 import time
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from devices import selectors, services
-from devices.models import Device, Event
+from devices.models import Device, Event, Lease
 from devices.records import EventKind, Observation, Rejection
 
 pytestmark = pytest.mark.django_db
@@ -120,3 +122,23 @@ def test_token_use_is_recorded_at_most_once_a_minute():
     services.touch_token(token_id=stored.id)
     stored.refresh_from_db()
     assert stored.last_used == first
+
+
+class TestLeases:
+    def test_first_owner_takes_the_lease_and_renews_it(self, db: None) -> None:
+        assert services.hold_lease(name="status", owner="a", ttl=10)
+        assert services.hold_lease(name="status", owner="a", ttl=10)
+
+    def test_another_owner_waits_until_it_lapses(self, db: None) -> None:
+        assert services.hold_lease(name="status", owner="a", ttl=10)
+        assert not services.hold_lease(name="status", owner="b", ttl=10)
+        Lease.objects.filter(name="status").update(until=timezone.now() - timedelta(seconds=1))
+        assert services.hold_lease(name="status", owner="b", ttl=10)
+        assert not services.hold_lease(name="status", owner="a", ttl=10)
+
+    def test_release_hands_it_over_at_once(self, db: None) -> None:
+        assert services.hold_lease(name="status", owner="a", ttl=10)
+        services.release_lease(name="status", owner="b")  # not b's to release
+        assert not services.hold_lease(name="status", owner="b", ttl=10)
+        services.release_lease(name="status", owner="a")
+        assert services.hold_lease(name="status", owner="b", ttl=10)
