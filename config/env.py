@@ -42,18 +42,36 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+def read_credentials(directory: Path) -> dict[str, str]:
+    """Read systemd credentials (``LoadCredential=DJANGO_SECRET_KEY:/etc/...``): one file per variable, named
+    like it, its content the value (one trailing newline dropped)."""
+    values: dict[str, str] = {}
+    if not directory.is_dir():
+        raise ImproperlyConfigured(f"CREDENTIALS_DIRECTORY={str(directory)!r} is not a directory")
+    for file in sorted(directory.iterdir()):
+        if file.name.isidentifier() and file.is_file():
+            values[file.name] = file.read_text(encoding="utf-8").removesuffix("\n")
+    return values
+
+
 class Env:
-    """Typed access to configuration values: the process environment wins over the ``.env`` file."""
+    """Typed access to configuration values: the process environment first, then systemd credentials, then the
+    ``.env`` file."""
 
     def __init__(
-        self, environ: Mapping[builtins.str, builtins.str], dotenv: Mapping[builtins.str, builtins.str] | None = None
+        self,
+        environ: Mapping[builtins.str, builtins.str],
+        dotenv: Mapping[builtins.str, builtins.str] | None = None,
+        credentials: Mapping[builtins.str, builtins.str] | None = None,
     ) -> None:
-        self._values = {**(dotenv or {}), **environ}
+        self._values = {**(dotenv or {}), **(credentials or {}), **environ}
 
     @classmethod
     def load(cls, base_dir: Path) -> Env:
         dotenv_path = Path(os.environ.get("GATEWAY_ENV_FILE", base_dir / ".env"))
-        return cls(os.environ, read_dotenv(dotenv_path))
+        credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        credentials = read_credentials(Path(credentials_dir)) if credentials_dir else None
+        return cls(os.environ, read_dotenv(dotenv_path), credentials)
 
     def raw(self, name: builtins.str) -> builtins.str | None:
         return self._values.get(name)
@@ -115,6 +133,16 @@ class Env:
         if value is None:
             return default
         return [item.strip() for item in value.split(",") if item.strip()]
+
+    def bind(self, name: builtins.str) -> tuple[builtins.str, builtins.int] | None:
+        """``HOST:PORT`` (``[::1]:9101`` for IPv6), or None when unset or empty."""
+        value = (self._values.get(name) or "").strip()
+        if not value:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ImproperlyConfigured(f"{name}={value!r} is not HOST:PORT (for example 127.0.0.1:9101)")
+        return host.strip("[]"), int(port)
 
     def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
         value = (self._values.get(name) or default).strip()

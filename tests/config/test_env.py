@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import Env, MqttUrl, database_config, mqtt_url, read_dotenv, redis_url
+from config.env import Env, MqttUrl, database_config, mqtt_url, read_credentials, read_dotenv, redis_url
 
 BASE = Path("/srv/gateway")
 
@@ -69,6 +70,42 @@ def test_load_reads_the_file_named_by_gateway_env_file(tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAY_ENV_FILE", str(path))
     monkeypatch.delenv("GATEWAY_TEST_ONLY_VALUE", raising=False)
     assert Env.load(tmp_path).int("GATEWAY_TEST_ONLY_VALUE", 0) == 42
+
+
+def test_credentials_sit_between_the_environment_and_the_dotenv_file(tmp_path, monkeypatch):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "GATEWAY_TEST_SECRET").write_text("from-credential\n", encoding="utf-8")
+    (credentials / "GATEWAY_TEST_BOTH").write_text("from-credential", encoding="utf-8")
+    dotenv = tmp_path / "gateway.env"
+    dotenv.write_text("GATEWAY_TEST_SECRET=from-file\nGATEWAY_TEST_BOTH=from-file\n", encoding="utf-8")
+    monkeypatch.setenv("GATEWAY_ENV_FILE", str(dotenv))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    monkeypatch.delenv("GATEWAY_TEST_SECRET", raising=False)
+    monkeypatch.setenv("GATEWAY_TEST_BOTH", "from-env")
+    loaded = Env.load(tmp_path)
+    assert loaded.str("GATEWAY_TEST_SECRET") == "from-credential"  # one trailing newline dropped
+    assert loaded.str("GATEWAY_TEST_BOTH") == "from-env"
+
+
+def test_credentials_directory_that_is_missing_names_itself(tmp_path):
+    with pytest.raises(ImproperlyConfigured, match=r"CREDENTIALS_DIRECTORY=.*nowhere"):
+        read_credentials(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:9101", ("127.0.0.1", 9101)), ("[::1]:80", ("::1", 80)), ("", None), ("  ", None)],
+)
+def test_bind(text, expected):
+    assert env(GATEWAY_METRICS_BIND=text).bind("GATEWAY_METRICS_BIND") == expected
+    assert env().bind("GATEWAY_METRICS_BIND") is None
+
+
+@pytest.mark.parametrize("text", ["9101", "host:", ":9101", "host:0", "host:70000", "host:port"])
+def test_bind_errors_name_the_variable(text):
+    with pytest.raises(ImproperlyConfigured, match=re.escape(f"GATEWAY_METRICS_BIND={text!r}")):
+        env(GATEWAY_METRICS_BIND=text).bind("GATEWAY_METRICS_BIND")
 
 
 # --- getters ------------------------------------------------------------------------------------------------
