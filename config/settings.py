@@ -105,7 +105,7 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 
 # --- Channel layer: in-memory for one process, Redis when several processes share events -----------------
 REDIS_URL = env.raw("REDIS_URL") or None
@@ -173,6 +173,7 @@ class GatewaySettings(TypedDict):
     WS_MAX_SUBSCRIPTIONS: int
     COMMANDS_PER_MINUTE: int
     ACCESS_REFRESH: float
+    METRICS_BIND: tuple[str, int] | None
 
 
 # --- MQTT ----------------------------------------------------------------------------------------------------
@@ -242,6 +243,15 @@ GATEWAY: GatewaySettings = {
     "COMMANDS_PER_MINUTE": env.int("GATEWAY_COMMANDS_PER_MINUTE", 60, minimum=1),
     # How often open sockets re-check their user's grants and token (a change reaches them within 2x this).
     "ACCESS_REFRESH": env.float("GATEWAY_ACCESS_REFRESH", 2.0, minimum=0.1),
+    # Where runbridge serves its Prometheus metrics (web processes serve theirs at /metrics).
+    "METRICS_BIND": env.bind("GATEWAY_METRICS_BIND"),
+}
+
+# --- systemd: set by the service manager when runbridge runs as a Type=notify unit with a watchdog -------------
+SYSTEMD: dict[str, str | None] = {
+    "NOTIFY_SOCKET": env.raw("NOTIFY_SOCKET"),
+    "WATCHDOG_USEC": env.raw("WATCHDOG_USEC"),
+    "WATCHDOG_PID": env.raw("WATCHDOG_PID"),
 }
 
 LOGGING = {

@@ -17,7 +17,7 @@ from typing import Any
 
 from django.db import DatabaseError, InterfaceError, OperationalError
 
-from devices.records import EventRecord, IngestResult, Observation, Rejection, Reply
+from devices.records import EventKind, EventRecord, IngestResult, Observation, Rejection, Reply
 from gateway.events import EVENTS_GROUP, EventsPublisher
 from mqtt_bridge import metrics
 from mqtt_bridge.backoff import Backoff
@@ -31,6 +31,61 @@ from mqtt_bridge.topics import Topics
 logger = logging.getLogger(__name__)
 
 LAYER_CHUNK = 500  # events per channel-layer message, to bound message size
+STATUS_ROLE = "status"  # the lease naming the one bridge that subscribes to status when several share the load
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeState:
+    """What the bridge is doing, as its process reports it (systemd STATUS lines, logs)."""
+
+    connected: bool
+    attempted: bool  # at least one connection attempt has finished, either way
+    detail: str
+    records_presence: bool
+
+    def describe(self, where: str) -> str:
+        if self.connected:
+            presence = "records presence" if self.records_presence else "presence recorded by another bridge"
+            return f"connected to {where}; {presence}"
+        if self.detail:
+            return f"waiting for the broker at {where}: {self.detail}"
+        return f"connecting to {where}"
+
+
+class StatusRole:
+    """Whether this bridge subscribes to status and records presence.
+
+    Status cannot go through a shared subscription (retained status is not delivered to one), and if every bridge
+    subscribed to it directly each one would record every change: two copies of each transition, applied in an
+    order that depends on each bridge's backlog. So with a shared group exactly one bridge, the holder of the
+    ``status`` lease, subscribes to status; another takes over (and gets the retained statuses) once the lease
+    lapses. Without a shared group the bridge is alone and always records presence.
+    """
+
+    def __init__(self, *, store: BridgeStore, owner: str, ttl: float, contested: bool) -> None:
+        self._store = store
+        self._owner = owner
+        self._ttl = ttl
+        self._contested = contested
+        self.held = not contested
+
+    async def claim(self) -> bool:
+        """Take or renew the role; True when that changed whether this bridge holds it."""
+        if not self._contested:
+            return False
+        try:
+            held = await self._store.hold_lease(name=STATUS_ROLE, owner=self._owner, ttl=self._ttl)
+        except DatabaseError as exc:
+            logger.warning("could not renew the status role: %s", exc)
+            return False  # keep what we had: the lease decides again once the database answers
+        changed, self.held = held != self.held, held
+        return changed
+
+    async def release(self) -> None:
+        if self._contested and self.held:
+            self.held = False
+            with contextlib.suppress(DatabaseError):
+                await self._store.release_lease(name=STATUS_ROLE, owner=self._owner)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +134,10 @@ class Bridge:
         channel_layer: Any,
         settings: BridgeSettings,
         store: BridgeStore | None = None,
+        on_state: Callable[[BridgeState], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_state = on_state
         self._client_factory = client_factory
         self._layer = channel_layer
         self._store = store or BridgeStore(auto_register=settings.auto_register, max_devices=settings.max_devices)
@@ -99,6 +156,14 @@ class Bridge:
         self._announce_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
+        self._client: MqttClient | None = None
+        self._attempted = False
+        self.status_role = StatusRole(
+            store=self._store,
+            owner=settings.name,
+            ttl=3 * settings.heartbeat_interval,
+            contested=bool(settings.shared_group),
+        )
         self.last_error = ""
 
     @property
@@ -124,8 +189,22 @@ class Bridge:
         finally:
             for task in helpers:
                 task.cancel()
+            await self.status_role.release()
             with contextlib.suppress(Exception):
                 await self._store.heartbeat(name=self.settings.name, connected=False, detail="stopped")
+
+    @property
+    def state(self) -> BridgeState:
+        return BridgeState(
+            connected=self.connected,
+            attempted=self._attempted,
+            detail=self.last_error,
+            records_presence=self.status_role.held,
+        )
+
+    def _report(self) -> None:
+        if self._on_state is not None:
+            self._on_state(self.state)
 
     async def _connection_loop(self) -> None:
         backoff = Backoff(initial=self.settings.backoff_initial, cap=self.settings.backoff_cap)
@@ -133,7 +212,12 @@ class Bridge:
             client = self._client_factory()
             try:
                 async with client:
-                    await client.subscribe(self._topics.subscriptions(self.settings.shared_group))
+                    await self.status_role.claim()
+                    await client.subscribe(self._filters())
+                    if not self.status_role.held:
+                        # A resumed session may still hold the subscription from when this bridge had the role.
+                        await client.unsubscribe([self._topics.status_filter()])
+                    self._client = client
                     self._mark_connected(True, "")
                     backoff.reset()
                     logger.info("bridge %s connected to %s", self.settings.name, client.config.where)
@@ -152,6 +236,8 @@ class Bridge:
                 self.last_error = str(exc)
                 logger.warning("%s", exc)
             finally:
+                self._client = None
+                self._attempted = True
                 self._mark_connected(False, self.last_error)
             if self._stopping.is_set():
                 break
@@ -163,6 +249,52 @@ class Bridge:
     def _mark_connected(self, connected: bool, detail: str) -> None:
         (self._connected.set if connected else self._connected.clear)()
         metrics.CONNECTED.set(1 if connected else 0)
+        if connected:
+            self._attempted = True
+        self._report()
+
+    def _filters(self) -> list[str]:
+        filters = self._topics.subscriptions(self.settings.shared_group)
+        return [*filters, self._topics.status_filter()] if self.status_role.held else filters
+
+    async def _follow_status_role(self) -> None:
+        """Subscribe to status on gaining the role, unsubscribe on losing it (the connection loop does it again on
+        every reconnect)."""
+        client = self._client
+        logger.info(
+            "bridge %s %s", self.settings.name, "now records presence" if self.status_role.held else "hands presence on"
+        )
+        self._report()
+        if client is None:
+            return
+        status = [self._topics.status_filter()]
+        with contextlib.suppress(BrokerUnavailable):  # the connection loop reconnects and subscribes again
+            await (client.subscribe(status) if self.status_role.held else client.unsubscribe(status))
+
+    async def retire(self, *, idle: float = 2.0) -> int:
+        """Leave the shared group for good (scaling bridges down); returns how many messages it stored.
+
+        A broker keeps assigning a shared subscription's messages to a member whose session is offline, where they
+        wait until the session expires and are then lost. So: resume this client id's session, unsubscribe, store
+        what the broker had queued for it (until nothing comes for ``idle`` seconds), then end the session.
+        """
+        client = self._client_factory()
+        stored = 0
+        async with client:
+            filters = [*self._topics.subscriptions(self.settings.shared_group), self._topics.status_filter()]
+            await client.unsubscribe(filters)
+            while True:
+                batch: list[InboundMessage] = []
+                await client.receive_into(
+                    batch, max_items=self.settings.batch_max, linger=self.settings.batch_linger, first_within=idle
+                )
+                if not batch:
+                    break
+                await self.flush(client, batch)
+                stored += len(batch)
+        await client.end_session()
+        await self.status_role.release()
+        return stored
 
     async def _consume(self, client: MqttClient) -> None:
         stop = asyncio.create_task(self._stopping.wait())
@@ -244,6 +376,10 @@ class Bridge:
             if isinstance(observation, Reply):
                 metrics.MESSAGES_IN.labels("reply").inc()
                 replies.append(observation)
+            elif observation.kind is EventKind.STATUS and not self.status_role.held:
+                # Queued in this bridge's session while it held the role; the holder has the retained state.
+                metrics.MESSAGES_IN.labels(observation.kind.value).inc()
+                metrics.SKIPPED.labels("not_presence_holder").inc()
             else:
                 metrics.MESSAGES_IN.labels(observation.kind.value).inc()
                 observations.append(observation)
@@ -348,6 +484,8 @@ class Bridge:
                 )
             except Exception as exc:
                 self._bad_input.warning("heartbeat", "could not record bridge heartbeat: %s", exc)
+            if await self.status_role.claim():
+                await self._follow_status_role()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _purges(self) -> None:

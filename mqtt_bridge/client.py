@@ -13,7 +13,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -188,16 +188,37 @@ class MqttClient:
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"subscribe to {filters} on {self.config.where} failed: {exc}") from exc
 
-    async def receive_into(self, batch: list[InboundMessage], *, max_items: int, linger: float) -> None:
+    async def unsubscribe(self, filters: list[str]) -> None:
+        client = self._require()
+        try:
+            await client.unsubscribe(filters)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"unsubscribe from {filters} on {self.config.where} failed: {exc}") from exc
+
+    async def end_session(self) -> None:
+        """Discard this client id's persistent session on the broker (and its queue) by connecting once with a
+        clean start and no session expiry. Call it after this connection has been closed."""
+        ending = replace(self.config, persistent=False)
+        try:
+            async with MqttClient(ending, on_drop=self._on_drop):
+                pass
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"could not end the session of {self.config.client_id!r}: {exc}") from exc
+
+    async def receive_into(
+        self, batch: list[InboundMessage], *, max_items: int, linger: float, first_within: float | None = None
+    ) -> None:
         """Append at least one message to ``batch``, then what arrives within ``linger`` s, up to ``max_items``.
+        With ``first_within``, return with nothing appended if no message comes within that many seconds.
 
         Appends in place, so a cancelled call leaves what it had already taken in ``batch``; a message being
         fetched when the call is cancelled or times out is kept for the next call, never dropped.
         """
         self._require()
         try:
-            first = await self._next(within=None)
-            assert first is not None
+            first = await self._next(within=first_within)
+            if first is None:
+                return
             batch.append(self._convert(first))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + linger

@@ -1,6 +1,6 @@
 """The bridge's Prometheus metrics (served by the web side's /metrics in one-process mode)."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 MESSAGES_IN = Counter("gateway_mqtt_messages_total", "MQTT messages received, by topic kind", ["kind"])
 REJECTED = Counter("gateway_mqtt_rejected_total", "MQTT messages dropped as invalid, by reason", ["reason"])
@@ -28,3 +28,9 @@ COMMANDS_FINISHED = Counter(
     "gateway_commands_finished_total", "Commands that reached a final state in this bridge, by state", ["state"]
 )
 REPLIES = Counter("gateway_command_replies_total", "Command replies received, by outcome", ["outcome"])
+
+
+def serve(host: str, port: int) -> None:
+    """Serve these metrics as Prometheus text at ``http://HOST:PORT/metrics`` from a daemon thread (``runbridge``
+    with ``GATEWAY_METRICS_BIND``; web processes serve theirs at ``/metrics``)."""
+    start_http_server(port, addr=host)

@@ -61,5 +61,11 @@ class BridgeStore:
     async def heartbeat(self, *, name: str, connected: bool, detail: str) -> None:
         await _call(services.record_bridge_heartbeat, name=name, connected=connected, detail=detail)
 
+    async def hold_lease(self, *, name: str, owner: str, ttl: float) -> bool:
+        return await _call(services.hold_lease, name=name, owner=owner, ttl=ttl)
+
+    async def release_lease(self, *, name: str, owner: str) -> None:
+        await _call(services.release_lease, name=name, owner=owner)
+
     async def purge(self, *, retention_days: int) -> int:
         return await _call(services.purge_history, older_than=time.time() - retention_days * 86400)

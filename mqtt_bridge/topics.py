@@ -71,15 +71,18 @@ class Topics:
         return f"{self.device(device_id, Channel.COMMANDS)}/+"
 
     def subscriptions(self, shared_group: str | None) -> list[str]:
-        """Filters the bridge subscribes to. Status is never shared: retained status is not delivered to
-        shared subscriptions (MQTT 5), and presence must survive restarts."""
+        """Telemetry, events and replies: through ``$share/GROUP/`` when several bridges split them."""
         share = f"$share/{shared_group}/" if shared_group else ""
         return [
             f"{share}{self.prefix}/+/{Channel.TELEMETRY.value}",
             f"{share}{self.prefix}/+/{Channel.EVENTS.value}",
             f"{share}{self.prefix}/+/{Channel.REPLIES.value}",
-            f"{self.prefix}/+/{Channel.STATUS.value}",
         ]
+
+    def status_filter(self) -> str:
+        """Status is never shared: retained status is not delivered to shared subscriptions (MQTT 5), and presence
+        must survive restarts. With several bridges, only the holder of the status role subscribes to it."""
+        return f"{self.prefix}/+/{Channel.STATUS.value}"
 
     def parse(self, topic: str) -> ParsedTopic:
         """Parse an inbound topic ``PREFIX/ID/CHANNEL``; raise ``TopicError`` naming what is wrong."""

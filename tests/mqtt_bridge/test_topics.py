@@ -75,17 +75,16 @@ def test_subscriptions_without_a_shared_group(topics):
         "devices/+/telemetry",
         "devices/+/events",
         "devices/+/replies",
-        "devices/+/status",
     ]
+    assert topics.status_filter() == "devices/+/status"
 
 
-def test_subscriptions_share_telemetry_events_and_replies_but_never_status(topics):
+def test_subscriptions_share_telemetry_events_and_replies(topics):
     filters = topics.subscriptions("bridges")
     assert filters == [
         "$share/bridges/devices/+/telemetry",
         "$share/bridges/devices/+/events",
         "$share/bridges/devices/+/replies",
-        "devices/+/status",
     ]
 
 
@@ -99,7 +98,7 @@ def test_empty_shared_group_means_no_sharing(topics):
 
 
 def test_every_subscription_matches_what_parse_accepts(topics):
-    for topic_filter in topics.subscriptions(None):
+    for topic_filter in [*topics.subscriptions(None), topics.status_filter()]:
         concrete = topic_filter.replace("+", "sensor-1")
         assert topics.parse(concrete).device_id == "sensor-1"
 
