@@ -50,3 +50,9 @@ ensure_env_file() {
     echo "Wrote .env with a new secret key."
   fi
 }
+
+# ensure_vendor: the console's front-end library (uPlot), fetched from the npm registry and integrity-checked by
+# scripts/fetch_vendor.py into a gitignored folder; a no-op when the pinned files are already in place.
+ensure_vendor() {
+  .venv/bin/python scripts/fetch_vendor.py
+}
