@@ -350,8 +350,7 @@ class Bridge:
         if result.registered:
             logger.info("registered %d new device(s): %s", len(result.registered), ", ".join(result.registered[:10]))
         if result.stored:
-            for record in result.stored:
-                metrics.STORED.labels(record.kind.value).inc()
+            metrics.count_by_kind(metrics.STORED, result.stored)
             await self._announce(result.stored)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -470,6 +469,7 @@ class Bridge:
             chunk = stored[start : start + LAYER_CHUNK]
             try:
                 await self._layer.group_send(EVENTS_GROUP, self._publisher.message(chunk))
+                metrics.count_by_kind(metrics.ANNOUNCED, chunk)
             except Exception as exc:  # any layer failure: the events are stored, browsers resume from history
                 metrics.LAYER_FAILURES.inc(len(chunk))
                 self._bad_input.warning("layer", "channel layer send failed for %d events: %s", len(chunk), exc)

@@ -1,11 +1,19 @@
-"""The bridge's Prometheus metrics (served by the web side's /metrics in one-process mode)."""
+"""The bridge's Prometheus metrics: served by /metrics under rungateway, by GATEWAY_METRICS_BIND under runbridge."""
+
+from collections import Counter as Tally
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from devices.records import EventRecord
 
 MESSAGES_IN = Counter("gateway_mqtt_messages_total", "MQTT messages received, by topic kind", ["kind"])
 REJECTED = Counter("gateway_mqtt_rejected_total", "MQTT messages dropped as invalid, by reason", ["reason"])
 SKIPPED = Counter("gateway_ingest_skipped_total", "Valid messages not stored, by reason", ["reason"])
 STORED = Counter("gateway_events_stored_total", "Events stored, by kind", ["kind"])
+ANNOUNCED = Counter(
+    "gateway_events_announced_total", "Stored events sent to the channel layer (towards browsers), by kind", ["kind"]
+)
 QUEUE_DROPPED = Counter("gateway_mqtt_queue_dropped_total", "Messages discarded because the incoming queue was full")
 LAYER_FAILURES = Counter(
     "gateway_layer_send_failures_total", "Stored events that could not be sent to the channel layer"
@@ -28,6 +36,12 @@ COMMANDS_FINISHED = Counter(
     "gateway_commands_finished_total", "Commands that reached a final state in this bridge, by state", ["state"]
 )
 REPLIES = Counter("gateway_command_replies_total", "Command replies received, by outcome", ["outcome"])
+
+
+def count_by_kind(counter: Counter, records: Iterable[EventRecord]) -> None:
+    """Add a batch to a counter labelled by event kind: one increment per kind, not per event."""
+    for kind, count in Tally(record.kind.value for record in records).items():
+        counter.labels(kind).inc(count)
 
 
 def serve(host: str, port: int) -> None:

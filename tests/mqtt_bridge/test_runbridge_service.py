@@ -92,6 +92,8 @@ def test_ready_status_watchdog_metrics_and_a_clean_stop(notify):
         )
         text = scrape(metrics_port)
         assert "gateway_mqtt_connected 1.0" in text
+        assert 'gateway_events_announced_total{kind="telemetry"} 1.0' in text
+        assert 'gateway_mqtt_messages_total{kind="telemetry"} 1.0' in text
         assert "gateway_ingest_batch_seconds_bucket" in text
 
         assert bridge.kill(signal.SIGTERM) == 0, bridge.log()
