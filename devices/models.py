@@ -167,3 +167,21 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.owner} until {self.until:%H:%M:%S}"
+
+
+class Acknowledgement(models.Model):
+    """An operator's acknowledgement of one warning or critical event: who and when (the audit trail).
+
+    ``event_id`` is a plain number, not a foreign key: events are deleted in bulk (retention, device deletion), and
+    a foreign key to them would make Django load every deleted event to cascade. The row goes with its device."""
+
+    event_id = models.BigIntegerField(primary_key=True)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="acknowledgements")
+    event_ts = models.FloatField(help_text="Receive time of the acknowledged event.")
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="acknowledgements"
+    )
+    acknowledged_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"event #{self.event_id} of {self.device_id} acknowledged by {self.acknowledged_by}"

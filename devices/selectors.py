@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from django.contrib.auth.models import User
-from django.db.models import QuerySet
+from django.db.models import Avg, Count, Exists, F, Max, Min, OuterRef, Q, QuerySet
+from django.db.models.expressions import OrderBy
 from django.utils import timezone
 
-from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event
+from devices.alerts import unacknowledged_alerts
+from devices.expressions import BucketIndex, JsonNumber
+from devices.identifiers import is_device_id
+from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event
 from devices.permissions import DeviceAccess
 from devices.records import EventKind, EventRecord
 from devices.services import hash_token
@@ -158,3 +163,240 @@ def command_detail(*, access: DeviceAccess, command_id: str) -> Command | None:
     if command is None or not access.can_view(command.device_id):
         return None
     return command
+
+
+# --- The HTTP API's reads (issue 6): device lists with counts and alerts, history, acknowledgements ----------------
+
+DEVICE_SORTS: dict[str, tuple[OrderBy | str, ...]] = {
+    "id": ("id",),
+    "-id": ("-id",),
+    "name": ("name", "id"),
+    "-name": ("-name", "-id"),
+    "last_seen": (F("last_seen").asc(nulls_first=True), "id"),
+    "-last_seen": (F("last_seen").desc(nulls_last=True), "-id"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFilters:
+    """Which devices a list shows; ``None`` leaves that filter out. ``q`` is a case-insensitive substring of the id
+    or the name; ``fleet`` a fleet's name; ``alerting`` whether the device has an alert now."""
+
+    online: bool | None = None
+    kind: str | None = None
+    fleet: str | None = None
+    q: str | None = None
+    alerting: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSummary:
+    """A device with what the lists show beside its own fields: its fleets' names and its alert count."""
+
+    device: Device
+    fleets: list[str]
+    alerts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCounts:
+    online: int
+    offline: int
+    alerting: int
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    """One page of a filtered, sorted list; ``total`` counts every match, ``counts`` every visible device."""
+
+    devices: list[DeviceSummary]
+    total: int
+    counts: DeviceCounts
+
+
+def alert_counts(*, access: DeviceAccess, now: float) -> dict[str, int]:
+    """How many alerts each visible device has at ``now`` (devices without any are left out)."""
+    rows = unacknowledged_alerts(now=now).order_by().values_list("device_id").annotate(n=Count("id"))
+    return {device_id: n for device_id, n in rows if access.can_view(device_id)}
+
+
+def device_page(
+    *, access: DeviceAccess, filters: DeviceFilters, sort: str, offset: int, limit: int, now: float
+) -> DevicePage:
+    """Visible devices matching ``filters``, sorted by ``sort`` (a key of ``DEVICE_SORTS``), ``limit`` of them
+    from ``offset``; with the total match count and the online, offline and alerting counts of all visible ones."""
+    visible = access.filter(Device.objects.all())
+    alerts = alert_counts(access=access, now=now)
+    tally = visible.aggregate(all=Count("id"), online=Count("id", filter=Q(online=True)))
+    counts = DeviceCounts(online=tally["online"], offline=tally["all"] - tally["online"], alerting=len(alerts))
+    matching = _filtered(visible, filters, now=now)
+    rows = matching.order_by(*DEVICE_SORTS[sort]).prefetch_related("fleets")[offset : offset + limit]
+    summaries = [_summary(device, alerts.get(device.id, 0)) for device in rows]
+    return DevicePage(devices=summaries, total=matching.count(), counts=counts)
+
+
+def _filtered(devices: QuerySet[Device], filters: DeviceFilters, *, now: float) -> QuerySet[Device]:
+    if filters.online is not None:
+        devices = devices.filter(online=filters.online)
+    if filters.kind is not None:
+        devices = devices.filter(kind=filters.kind)
+    if filters.fleet is not None:
+        devices = devices.filter(fleets__name=filters.fleet)
+    if filters.q:
+        devices = devices.filter(Q(id__icontains=filters.q) | Q(name__icontains=filters.q))
+    if filters.alerting is not None:
+        alerting = Exists(unacknowledged_alerts(now=now).filter(device_id=OuterRef("id")))
+        devices = devices.filter(alerting if filters.alerting else ~alerting)
+    return devices
+
+
+def _summary(device: Device, alerts: int) -> DeviceSummary:
+    return DeviceSummary(device=device, fleets=sorted(fleet.name for fleet in device.fleets.all()), alerts=alerts)
+
+
+def device_summary(*, access: DeviceAccess, device_id: str, now: float) -> DeviceSummary | None:
+    """One visible device with its fleets and alert count; ``None`` if unknown or not visible."""
+    if not is_device_id(device_id) or not access.can_view(device_id):
+        return None
+    device = Device.objects.filter(id=device_id).prefetch_related("fleets").first()
+    if device is None:
+        return None
+    return _summary(device, unacknowledged_alerts(now=now).filter(device_id=device_id).count())
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One metric over a time range: raw points (``bucket`` None: ``t`` is each event's time, min = max = mean =
+    the value, count 1) or per-bucket aggregates (``t`` is each bucket's start; buckets without data left out)."""
+
+    bucket: float | None
+    t: list[float] = field(default_factory=list)
+    min: list[float] = field(default_factory=list)
+    max: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    count: list[int] = field(default_factory=list)
+
+
+def telemetry_series(
+    *, device_id: str, metrics: Sequence[str], start: float, end: float, buckets: int
+) -> dict[str, Series]:
+    """The numeric values of ``metrics`` in a device's telemetry with ``start <= ts <= end``.
+
+    A metric with at most ``buckets`` values in the range comes back raw; one with more, as min, max, mean and
+    count per bucket of width ``(end - start) / buckets``. Both are computed by the database (one GROUP BY over
+    the range, then one query for the raw metrics, if any); non-numeric values are skipped.
+    """
+    rows = Event.objects.filter(device_id=device_id, kind=EventKind.TELEMETRY.value, ts__gte=start, ts__lte=end)
+    width = (end - start) / buckets
+    series = _bucketed(rows, metrics, start=start, end=end, buckets=buckets, width=width)
+    few = [metric for metric in metrics if sum(series[metric].count) <= buckets]
+    series.update(_raw(rows, few))
+    return series
+
+
+def _metric_value(metric: str) -> JsonNumber:
+    return JsonNumber("body", ("values", metric))
+
+
+def _bucketed(
+    rows: QuerySet[Event], metrics: Sequence[str], *, start: float, end: float, buckets: int, width: float
+) -> dict[str, Series]:
+    aggregates: dict[str, Any] = {}
+    for n, metric in enumerate(metrics):
+        value = _metric_value(metric)
+        aggregates |= {f"min{n}": Min(value), f"max{n}": Max(value), f"mean{n}": Avg(value), f"count{n}": Count(value)}
+    grouped = (
+        rows.annotate(bucket=BucketIndex("ts", start=start, end=end, buckets=buckets))
+        .values("bucket")
+        .annotate(**aggregates)
+        .order_by("bucket")
+    )
+    series = {metric: Series(bucket=width) for metric in metrics}
+    for row in grouped:
+        for n, metric in enumerate(metrics):
+            if row[f"count{n}"]:
+                found = series[metric]
+                found.t.append(start + row["bucket"] * width)
+                found.min.append(row[f"min{n}"])
+                found.max.append(row[f"max{n}"])
+                found.mean.append(row[f"mean{n}"])
+                found.count.append(row[f"count{n}"])
+    return series
+
+
+def _raw(rows: QuerySet[Event], metrics: Sequence[str]) -> dict[str, Series]:
+    if not metrics:
+        return {}
+    values = {f"v{n}": _metric_value(metric) for n, metric in enumerate(metrics)}
+    present = Q()
+    for name in values:
+        present |= Q(**{f"{name}__isnull": False})
+    series = {metric: Series(bucket=None) for metric in metrics}
+    for row in rows.annotate(**values).filter(present).order_by("ts", "id").values("ts", *values):
+        for n, metric in enumerate(metrics):
+            value = row[f"v{n}"]
+            if value is not None:
+                found = series[metric]
+                found.t.append(row["ts"])
+                found.min.append(value)
+                found.max.append(value)
+                found.mean.append(value)
+                found.count.append(1)
+    return series
+
+
+def device_events(
+    *,
+    device_id: str,
+    start: float | None = None,
+    end: float | None = None,
+    severities: Collection[str] | None = None,
+    before: int | None = None,
+    limit: int = 100,
+) -> list[EventRecord]:
+    """A device's ``event`` kind events (name, severity), newest first; ``before`` pages by id."""
+    rows = Event.objects.filter(device_id=device_id, kind=EventKind.EVENT.value)
+    if start is not None:
+        rows = rows.filter(ts__gte=start)
+    if end is not None:
+        rows = rows.filter(ts__lte=end)
+    if severities is not None:
+        rows = rows.filter(body__severity__in=list(severities))
+    if before is not None:
+        rows = rows.filter(id__lt=before)
+    return [record_of(row) for row in rows.order_by("-id")[:limit]]
+
+
+@dataclass(frozen=True, slots=True)
+class AcknowledgementRecord:
+    event_id: int
+    by: str | None
+    at: float
+
+
+def acknowledgements(*, event_ids: Collection[int]) -> dict[int, AcknowledgementRecord]:
+    """Who acknowledged which of ``event_ids``, and when (events never acknowledged are left out)."""
+    rows = Acknowledgement.objects.filter(event_id__in=list(event_ids)).select_related("acknowledged_by")
+    return {
+        row.event_id: AcknowledgementRecord(
+            event_id=row.event_id,
+            by=row.acknowledged_by.get_username() if row.acknowledged_by is not None else None,
+            at=row.acknowledged_at.timestamp(),
+        )
+        for row in rows
+    }
+
+
+def latest_command_events(*, device_id: str, limit: int = 20) -> list[EventRecord]:
+    """The latest stored state of each of a device's ``limit`` most recent commands, newest command first
+    (commands without a stored event are left out). Two queries, whatever ``limit`` is."""
+    command_ids = list(
+        Command.objects.filter(device_id=device_id).order_by("-created_at").values_list("id", flat=True)[:limit]
+    )
+    latest: dict[str, Event] = {}
+    states = Event.objects.filter(
+        device_id=device_id, kind=EventKind.COMMAND.value, body__command_id__in=command_ids
+    ).order_by("-id")
+    for row in states:
+        latest.setdefault(row.body["command_id"], row)
+    return [record_of(latest[command_id]) for command_id in command_ids if command_id in latest]

@@ -18,8 +18,9 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Field, Q
 from django.utils import timezone
 
+from devices.alerts import alert_events, not_acknowledged, unacknowledged_alerts
 from devices.identifiers import is_command_name, is_device_id
-from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event, Lease
+from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Lease
 from devices.permissions import DeviceAccess
 from devices.records import (
     CommandToSend,
@@ -537,3 +538,60 @@ def expire_commands(*, command_ids: Collection[str] = (), overdue_before: dateti
             command.save(update_fields=_FINAL_FIELDS)
             finished.append(command)
         return _store_command_events(finished, now.timestamp())
+
+
+# --- Devices and alerts over the HTTP API (issue 6) -------------------------------------------------------------
+
+
+class AccessRefused(ValueError):
+    """An operation on devices the user may not perform: ``unknown_device`` for a device that does not exist or
+    that the user may not view (one answer for both), ``forbidden`` for one the user may view but not operate."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_operable(*, access: DeviceAccess, device_ids: Collection[str]) -> None:
+    """Raise ``AccessRefused`` for the first of ``device_ids`` the user may not operate (or that does not exist)."""
+    wanted = list(dict.fromkeys(device_ids))
+    valid = [device_id for device_id in wanted if is_device_id(device_id) and access.can_view(device_id)]
+    existing = set(Device.objects.filter(id__in=valid).values_list("id", flat=True))
+    for device_id in wanted:
+        if device_id not in existing:
+            raise AccessRefused("unknown_device", f"unknown device {device_id[:100]!r}")
+        if not access.can_operate(device_id):
+            raise AccessRefused("forbidden", f"you may view device {device_id!r} but not operate it")
+
+
+def delete_device(*, access: DeviceAccess, device_id: str) -> None:
+    """Delete a device the user may operate, with its history, commands and acknowledgements.
+
+    Nothing references events, so Django deletes them with one DELETE instead of loading them. A device that keeps
+    publishing is registered again by its next message (when auto-registration is on)."""
+    with transaction.atomic():
+        check_operable(access=access, device_ids=[device_id])
+        Device.objects.filter(id=device_id).delete()
+
+
+def acknowledge_alerts(
+    *, user: User, access: DeviceAccess, device_ids: Collection[str], event_ids: Collection[int] | None, now: float
+) -> int:
+    """Record ``user``'s acknowledgement of the unacknowledged warning and critical events of devices they may
+    operate: the ones of ``event_ids`` among them, or when ``None`` every current alert (the last hour's).
+    Returns how many were acknowledged now; ids that are not such events, or already acknowledged, are skipped."""
+    with transaction.atomic():
+        check_operable(access=access, device_ids=device_ids)
+        if event_ids is None:
+            pending = unacknowledged_alerts(now=now)
+        else:
+            pending = not_acknowledged(alert_events().filter(id__in=list(event_ids)))
+        pending = pending.filter(device_id__in=list(device_ids))
+        at = datetime.fromtimestamp(now, tz=UTC)
+        rows = [
+            Acknowledgement(event_id=event_id, device_id=device, event_ts=ts, acknowledged_by=user, acknowledged_at=at)
+            for event_id, device, ts in pending.values_list("id", "device_id", "ts")
+        ]
+        # A concurrent acknowledgement of the same event keeps the first row (who acknowledged it first).
+        Acknowledgement.objects.bulk_create(rows, ignore_conflicts=True)
+    return len(rows)
