@@ -1,7 +1,9 @@
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
-from gateway import api, views
+from gateway import views
+from gateway.api.app import API_NAMESPACE
+from gateway.api.app import urlpatterns as api_urlpatterns
 
 urlpatterns = [
     path("", views.fleet, name="fleet"),
@@ -12,7 +14,5 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics, name="metrics"),
-    path("api/commands", api.commands, name="api-commands"),
-    path("api/commands/<str:command_id>", api.command, name="api-command"),
-    path("api/devices/<str:device_id>/commands", api.device_commands, name="api-device-commands"),
+    path("api/", include((api_urlpatterns(), "ninja"), namespace=API_NAMESPACE)),
 ]

@@ -1,0 +1,1 @@
+"""The HTTP API under ``/api/``: ``app`` builds it; ``devices`` and ``commands`` hold its operations."""
