@@ -81,3 +81,219 @@ def test_events_purged_by_retention_are_reported_as_a_gap():
     assert [e.id for e in replay.events] == kept
     assert replay.gap == (purged[0].id + 1, kept[0] - 1)
     assert selectors.events_after(after=purged[-1].id, device_ids={"a"}, limit=100).gap is None
+
+
+# --- The HTTP API's reads: telemetry downsampling ------------------------------------------------------------------
+
+
+def telemetry_at(device: str, points: list[tuple[float, dict]]) -> None:
+    """Store telemetry received at exactly the given times (unix seconds)."""
+    observations = [
+        Observation(device_id=device, kind=EventKind.TELEMETRY, received_at=ts, body={"values": values})
+        for ts, values in points
+    ]
+    services.ingest(observations=observations, auto_register=True, max_devices=100)
+
+
+# Range [1000, 2000] in 4 buckets of 250 s: two points in the first, two in the second, none in the third, two in
+# the last (2000 itself, the end, falls in the last bucket); 999 and 2001 are outside the range.
+POINTS = [
+    (999.0, {"t": 100}),
+    (1000.0, {"t": 1}),
+    (1100.0, {"t": 3.0}),
+    (1250.0, {"t": 10}),
+    (1499.5, {"t": 20}),
+    (1750.0, {"t": 5}),
+    (2000.0, {"t": 7}),
+    (2001.0, {"t": -100}),
+]
+
+
+def test_telemetry_with_more_points_than_buckets_is_aggregated_per_bucket():
+    telemetry_at("a", POINTS)
+    [series] = selectors.telemetry_series(device_id="a", metrics=["t"], start=1000, end=2000, buckets=4).values()
+    assert series.bucket == 250
+    assert series.t == [1000, 1250, 1750]
+    assert series.min == [1, 10, 5]
+    assert series.max == [3, 20, 7]
+    assert series.mean == [2, 15, 6]
+    assert series.count == [2, 2, 2]
+
+
+def test_telemetry_with_at_most_as_many_points_as_buckets_comes_back_raw():
+    telemetry_at("a", POINTS)
+    for buckets in (6, 7):
+        [series] = selectors.telemetry_series(
+            device_id="a", metrics=["t"], start=1000, end=2000, buckets=buckets
+        ).values()
+        assert series.bucket is None
+        assert series.t == [1000, 1100, 1250, 1499.5, 1750, 2000]
+        assert series.min == series.max == series.mean == [1, 3, 10, 20, 5, 7]
+        assert series.count == [1] * 6
+    [bucketed] = selectors.telemetry_series(device_id="a", metrics=["t"], start=1000, end=2000, buckets=5).values()
+    assert bucketed.bucket == 200 and sum(bucketed.count) == 6
+
+
+def test_telemetry_skips_values_that_are_not_numbers():
+    telemetry_at("a", [*POINTS, (1010.0, {"t": True}), (1020.0, {"t": "hot"}), (1030.0, {"t": None}), (1040.0, {})])
+    [bucketed] = selectors.telemetry_series(device_id="a", metrics=["t"], start=1000, end=2000, buckets=4).values()
+    assert bucketed.count == [2, 2, 2] and bucketed.min == [1, 10, 5] and bucketed.max == [3, 20, 7]
+    [raw] = selectors.telemetry_series(device_id="a", metrics=["t"], start=1000, end=1100, buckets=10).values()
+    assert raw.t == [1000, 1100] and raw.mean == [1, 3]
+
+
+def test_telemetry_of_several_metrics_each_decides_raw_or_bucketed():
+    telemetry_at("a", [*POINTS, (1300.0, {"rare": 4.5, "gps.lat": 1.5, "1": 2}), (1900.0, {"gps.lat": 2.5})])
+    found = selectors.telemetry_series(
+        device_id="a", metrics=["t", "rare", "gps.lat", "1", "missing"], start=1000, end=2000, buckets=4
+    )
+    assert found["t"].bucket == 250 and found["t"].count == [2, 2, 2]
+    assert found["rare"].bucket is None and found["rare"].t == [1300] and found["rare"].mean == [4.5]
+    assert found["gps.lat"].bucket is None and found["gps.lat"].mean == [1.5, 2.5]
+    assert found["1"].mean == [2]  # a metric named like an array index is still a key
+    assert found["missing"] == selectors.Series(bucket=None)
+
+
+def test_telemetry_is_per_device():
+    telemetry_at("a", POINTS)
+    telemetry_at("b", [(1500.0, {"t": 1000})])
+    [series] = selectors.telemetry_series(device_id="b", metrics=["t"], start=1000, end=2000, buckets=4).values()
+    assert series.t == [1500] and series.max == [1000]
+
+
+# --- Alerts, device pages, events, acknowledgements ------------------------------------------------------------------
+
+
+def alert(device: str, severity: str, *, age: float = 0.0, name: str = "overheat") -> int:
+    observation = Observation(
+        device_id=device,
+        kind=EventKind.EVENT,
+        received_at=time.time() - age,
+        body={"name": name, "severity": severity},
+    )
+    return services.ingest(observations=[observation], auto_register=True, max_devices=100).stored[0].id
+
+
+def test_alerts_are_recent_unacknowledged_warnings_and_criticals(django_user_model):
+    root = django_user_model.objects.create_superuser(username="root")
+    access = access_for(root)
+    alert("a", "warning")
+    alert("a", "critical")
+    alert("a", "info")
+    alert("b", "critical", age=3700)  # older than the alert window
+    acknowledged = alert("c", "warning")
+    services.acknowledge_alerts(user=root, access=access, device_ids=["c"], event_ids=[acknowledged], now=time.time())
+    telemetry_at("d", [(time.time(), {"t": 1})])
+    assert selectors.alert_counts(access=access, now=time.time()) == {"a": 2}
+
+
+def test_alert_counts_leave_out_devices_the_user_may_not_see(django_user_model):
+    alert("a", "warning")
+    bob = django_user_model.objects.create_user(username="bob")
+    assert selectors.alert_counts(access=access_for(bob), now=time.time()) == {}
+
+
+def test_a_device_page_filters_sorts_pages_and_counts(django_user_model):
+    root = django_user_model.objects.create_superuser(username="root")
+    Device.objects.create(id="b-1", name="Boiler", kind="heater", online=True)
+    Device.objects.create(id="a-2", name="Attic", kind="sensor", online=False)
+    Device.objects.create(id="c-3", name="cellar boiler", kind="sensor", online=True)
+    Fleet.objects.create(name="north").devices.add(Device.objects.get(id="b-1"), Device.objects.get(id="a-2"))
+    alert("c-3", "critical")
+    now = time.time()
+
+    def ids(sort="id", offset=0, limit=10, **filters):
+        page = selectors.device_page(
+            access=access_for(root),
+            filters=selectors.DeviceFilters(**filters),
+            sort=sort,
+            offset=offset,
+            limit=limit,
+            now=now,
+        )
+        assert page.counts == selectors.DeviceCounts(online=2, offline=1, alerting=1)
+        return [s.device.id for s in page.devices], page.total
+
+    assert ids() == (["a-2", "b-1", "c-3"], 3)
+    assert ids(online=True) == (["b-1", "c-3"], 2)
+    assert ids(online=False) == (["a-2"], 1)
+    assert ids(kind="sensor") == (["a-2", "c-3"], 2)
+    assert ids(fleet="north") == (["a-2", "b-1"], 2)
+    assert ids(q="BOILER") == (["b-1", "c-3"], 2)
+    assert ids(q="-3") == (["c-3"], 1)
+    assert ids(alerting=True) == (["c-3"], 1)
+    assert ids(alerting=False) == (["a-2", "b-1"], 2)
+    assert ids(sort="-name") == (["c-3", "b-1", "a-2"], 3)
+    assert ids(sort="-id", offset=1, limit=1) == (["b-1"], 3)
+    assert ids(kind="heater", online=False) == ([], 0)
+
+
+def test_a_device_page_shows_fleets_and_alerts_of_each_device(django_user_model):
+    root = django_user_model.objects.create_superuser(username="root")
+    Device.objects.create(id="a")
+    Fleet.objects.create(name="south").devices.add(Device.objects.get(id="a"))
+    Fleet.objects.create(name="north").devices.add(Device.objects.get(id="a"))
+    alert("a", "warning")
+    [summary] = selectors.device_page(
+        access=access_for(root), filters=selectors.DeviceFilters(), sort="id", offset=0, limit=10, now=time.time()
+    ).devices
+    assert summary.fleets == ["north", "south"] and summary.alerts == 1
+
+
+def test_sorting_by_last_seen_puts_never_seen_devices_last_when_descending(django_user_model):
+    root = django_user_model.objects.create_superuser(username="root")
+    Device.objects.create(id="never")
+    telemetry_at("old", [(1000.0, {"t": 1})])
+    telemetry_at("new", [(2000.0, {"t": 1})])
+
+    def order(sort):
+        page = selectors.device_page(
+            access=access_for(root), filters=selectors.DeviceFilters(), sort=sort, offset=0, limit=10, now=3000
+        )
+        return [s.device.id for s in page.devices]
+
+    assert order("-last_seen") == ["new", "old", "never"]
+    assert order("last_seen") == ["never", "old", "new"]
+
+
+def test_device_events_filter_by_time_severity_and_page_by_id():
+    ids = [alert("a", severity, age=age) for severity, age in [("info", 300), ("warning", 200), ("critical", 100)]]
+    telemetry_at("a", [(time.time(), {"t": 1})])
+    alert("b", "critical")
+    now = time.time()
+    assert [e.id for e in selectors.device_events(device_id="a")] == ids[::-1]
+    assert [e.id for e in selectors.device_events(device_id="a", severities=["info", "critical"])] == [ids[2], ids[0]]
+    assert [e.id for e in selectors.device_events(device_id="a", start=now - 250, end=now - 50)] == ids[:0:-1]
+    assert [e.id for e in selectors.device_events(device_id="a", before=ids[2], limit=1)] == [ids[1]]
+
+
+def test_latest_command_events_give_each_recent_commands_latest_state(django_user_model):
+    root = django_user_model.objects.create_superuser(username="root")
+    Device.objects.create(id="a", online=True)
+    first, second = (
+        services.request_command(
+            user=root,
+            access=access_for(root),
+            device_id="a",
+            name=name,
+            params={},
+            request_id=None,
+            timeout=30,
+            offline_policy="reject",
+            max_payload=65536,
+        ).command
+        for name in ("one", "two")
+    )
+    services.mark_sent(command_id=first.id, owner="bridge")
+    frames = selectors.latest_command_events(device_id="a")
+    assert [(e.body["command_id"], e.body["state"]) for e in frames] == [(second.id, "pending"), (first.id, "sent")]
+    assert [e.body["command_id"] for e in selectors.latest_command_events(device_id="a", limit=1)] == [second.id]
+
+
+def test_acknowledgements_say_who_and_when(django_user_model):
+    root = django_user_model.objects.create_superuser(username="root")
+    event_id = alert("a", "warning")
+    services.acknowledge_alerts(user=root, access=access_for(root), device_ids=["a"], event_ids=None, now=1234.5)
+    assert selectors.acknowledgements(event_ids=[event_id, 999]) == {
+        event_id: selectors.AcknowledgementRecord(event_id=event_id, by="root", at=1234.5)
+    }
