@@ -15,7 +15,7 @@ from django.utils import timezone
 from devices.alerts import unacknowledged_alerts
 from devices.expressions import BucketIndex, JsonNumber
 from devices.identifiers import is_device_id
-from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event
+from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet
 from devices.permissions import DeviceAccess
 from devices.records import EventKind, EventRecord
 from devices.services import hash_token
@@ -400,3 +400,19 @@ def latest_command_events(*, device_id: str, limit: int = 20) -> list[EventRecor
     for row in states:
         latest.setdefault(row.body["command_id"], row)
     return [record_of(latest[command_id]) for command_id in command_ids if command_id in latest]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacets:
+    """The values the fleet page offers as filters: kinds of visible devices, and fleets holding any of them."""
+
+    kinds: list[str]
+    fleets: list[str]
+
+
+def device_facets(*, access: DeviceAccess) -> DeviceFacets:
+    """Distinct non-empty kinds of the visible devices and names of the fleets they belong to, sorted (two queries)."""
+    visible = access.filter(Device.objects.all())
+    kinds = visible.exclude(kind="").order_by("kind").values_list("kind", flat=True).distinct()
+    fleets = Fleet.objects.filter(devices__in=visible).order_by("name").values_list("name", flat=True).distinct()
+    return DeviceFacets(kinds=list(kinds), fleets=list(fleets))
