@@ -32,6 +32,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 MQTT_HOST = os.environ.get("MQTT_TEST_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("MQTT_TEST_PORT", "1883"))
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_TEST_URL = os.environ.get("POSTGRES_TEST_URL", "postgres://postgres@127.0.0.1:5432/test")
 
 
 def require(service: str, available: bool, how_to_start: str) -> None:
@@ -70,6 +71,27 @@ def require_redis() -> str:
         f"expected at {REDIS_TEST_URL}; start it with: redis-server --daemonize yes",
     )
     return REDIS_TEST_URL
+
+
+def postgres_available(url: str = POSTGRES_TEST_URL) -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(url, dbname="postgres", connect_timeout=2).close()
+        return True
+    except Exception:
+        return False
+
+
+def require_postgres() -> str:
+    """The PostgreSQL server URL for tests that need PostgreSQL whatever the suite's own database is."""
+    require(
+        "PostgreSQL",
+        postgres_available(),
+        f"expected at {POSTGRES_TEST_URL} (POSTGRES_TEST_URL); start it with: "
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    )
+    return POSTGRES_TEST_URL
 
 
 def chromium_path() -> str | None:
