@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "ninja",  # the API docs at /api/docs: Swagger UI from our own static files, not a CDN (CSP 'self')
     "devices",
     "mqtt_bridge",
     "gateway",
