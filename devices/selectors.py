@@ -179,7 +179,7 @@ DEVICE_SORTS: dict[str, tuple[OrderBy | str, ...]] = {
 
 @dataclass(frozen=True, slots=True)
 class DeviceFilters:
-    """Which devices a list shows; ``None`` leaves that filter out. ``q`` is a case-insensitive substring of the id
+    """Which devices a list shows; ``None`` (or an empty string) leaves that filter out. ``q`` is a case-insensitive substring of the id
     or the name; ``fleet`` a fleet's name; ``alerting`` whether the device has an alert now."""
 
     online: bool | None = None
@@ -238,9 +238,9 @@ def device_page(
 def _filtered(devices: QuerySet[Device], filters: DeviceFilters, *, now: float) -> QuerySet[Device]:
     if filters.online is not None:
         devices = devices.filter(online=filters.online)
-    if filters.kind is not None:
+    if filters.kind:
         devices = devices.filter(kind=filters.kind)
-    if filters.fleet is not None:
+    if filters.fleet:
         devices = devices.filter(fleets__name=filters.fleet)
     if filters.q:
         devices = devices.filter(Q(id__icontains=filters.q) | Q(name__icontains=filters.q))

@@ -28,7 +28,8 @@ class OrjsonParser(Parser):
 
 
 class GatewayApi(NinjaAPI):
-    """Ninja's API, except that validation errors keep the offending value, so a 400 can name it."""
+    """Ninja's API, except that validation errors keep the offending value (when there is one), so a 400 can
+    name it."""
 
     def validation_error_from_error_contexts(
         self, error_contexts: list[ValidationErrorContext[Any]]
@@ -37,7 +38,10 @@ class GatewayApi(NinjaAPI):
         for context in error_contexts:
             source = context.model.__ninja_param_source__
             for item in context.pydantic_validation_error.errors(include_url=False, include_context=False):
-                errors.append({"loc": (source, *item["loc"]), "msg": item["msg"], "input": item.get("input")})
+                found = {"loc": (source, *item["loc"]), "msg": item["msg"], "type": item["type"]}
+                if item["type"] != "missing":
+                    found["input"] = item.get("input")
+                errors.append(found)
         return ValidationError(errors)
 
 

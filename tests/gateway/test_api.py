@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.contrib.auth.models import Group
 from django.test import Client
 
 from devices import services
-from devices.models import Command, Device, Event, Fleet, FleetAccess
+from devices.models import Command, Device, Event
 from gateway.events import COMMANDS_GROUP, EVENTS_GROUP
+from tests.gateway.api_helpers import grant
 
 pytestmark = pytest.mark.django_db
 
@@ -49,14 +49,6 @@ def post(client: Client, body: object, **extra):
 
 def command_events(command_id: str) -> list[Event]:
     return list(Event.objects.filter(kind="command", body__command_id=command_id).order_by("id"))
-
-
-def grant(user, *, level: str, device_ids: list[str]) -> None:
-    group = Group.objects.create(name=f"{user.username}-{level}")
-    fleet = Fleet.objects.create(name=f"{user.username}-{level}-fleet")
-    fleet.devices.add(*Device.objects.filter(id__in=device_ids))
-    FleetAccess.objects.create(fleet=fleet, group=group, level=level)
-    user.groups.add(group)
 
 
 # --- Authentication --------------------------------------------------------------------------------------------
