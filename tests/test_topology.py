@@ -66,6 +66,15 @@ COMMAND_STATES = ["pending", "sent", "succeeded"]
 
 
 @pytest.fixture
+def redis_url() -> str:
+    """Mosquitto and Redis are there (checked before a database is made for nothing); the layer's Redis, emptied."""
+    require_mosquitto()
+    url = require_redis()
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
 def topology_database() -> Iterator[str]:
     """A fresh PostgreSQL database (whatever the suite's own database is), migrated; its DATABASE_URL."""
     server = require_postgres()
@@ -121,6 +130,12 @@ class IdOrderWatch(threading.Thread):
         self.violations: list[str] = []
 
     def run(self) -> None:
+        try:
+            self._watch()
+        except BaseException as exc:
+            self.violations.append(f"the watch failed: {exc!r}")
+
+    def _watch(self) -> None:
         seen_max, seen_count = 0, 0
         query = "SELECT count(*) FILTER (WHERE id <= %s), count(*), coalesce(max(id), 0) FROM devices_event"
         with psycopg.connect(self._url, autocommit=True) as conn:
@@ -386,10 +401,7 @@ def descents(ids: list[int]) -> int:
 # --- the test ---------------------------------------------------------------------------------------------------
 
 
-def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(topology_database, capsys):
-    require_mosquitto()
-    redis_url = require_redis()
-    redis.Redis.from_url(redis_url).flushdb()
+def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(redis_url, topology_database, capsys):
     run = uuid.uuid4().hex[:8]
     topology = Topology(topology_database, redis_url, prefix=f"topology-{run}/devices", run=run)
     device_ids = [f"t{run}-{number:03d}" for number in range(DEVICES)]
@@ -438,6 +450,7 @@ def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(t
         assert all(share for share in shares), f"both bridges store a share (telemetry stored per bridge): {shares}"
         assert sum(share or 0 for share in shares) == TOTAL, f"each message stored once: {shares}"
         assert watch.violations == [], f"ids became visible out of id order: {watch.violations[:5]}"
+        assert watch.polls > 10, f"the id order was read only {watch.polls} times"
 
     everything_in = max(a.complete_at, b.complete_at) - flood.started_at
     with capsys.disabled():
