@@ -17,6 +17,9 @@ from gateway import metrics as _web_metrics  # noqa: F401  (registers the web si
 from gateway.events import event_frame
 from gateway.health import readiness
 
+DEVICE_PAGE_EVENTS = 50
+DEVICE_PAGE_COMMANDS = 20
+
 
 def device_state(device: Device) -> dict[str, Any]:
     """The JSON the console starts from (and reloads after a gap)."""
@@ -33,29 +36,26 @@ def device_state(device: Device) -> dict[str, Any]:
 
 @login_required
 def fleet(request: HttpRequest) -> HttpResponse:
-    last_id = selectors.last_event_id()  # before reading state (contract section 4)
-    devices = selectors.device_list(access=access_for(request.user))
-    return render(
-        request,
-        "gateway/fleet.html",
-        {"devices": devices, "state": {"last_id": last_id, "devices": [device_state(d) for d in devices]}},
-    )
+    """The fleet page: a shell with the filters' choices; the devices come from ``/api/devices``, page by page."""
+    facets = selectors.device_facets(access=access_for(request.user))
+    return render(request, "gateway/fleet.html", {"kinds": facets.kinds, "fleets": facets.fleets})
 
 
 @login_required
 def device(request: HttpRequest, device_id: str) -> HttpResponse:
-    last_id = selectors.last_event_id()
+    """The device page, with the state it starts from (device, newest events, recent commands) and its last_id."""
+    last_id = selectors.last_event_id()  # before reading state (contract section 4)
     found = selectors.device_detail(access=access_for(request.user), device_id=device_id)
     if found is None:
         raise Http404("No such device")
-    events = [event_frame(record) for record in selectors.recent_events(device_id=found.id, limit=50)]
-    # The latest stored state of each recent command, newest command first.
-    commands = [
-        event_frame(record)
-        for command in selectors.recent_commands(device_id=found.id, limit=20)
-        if (record := selectors.command_event(command_id=command.id, device_id=command.device_id)) is not None
-    ]
-    state = {"last_id": last_id, "device": device_state(found), "events": events, "commands": commands}
+    events = selectors.recent_events(device_id=found.id, limit=DEVICE_PAGE_EVENTS)
+    commands = selectors.latest_command_events(device_id=found.id, limit=DEVICE_PAGE_COMMANDS)
+    state = {
+        "last_id": last_id,
+        "device": device_state(found),
+        "events": [event_frame(record) for record in events],
+        "commands": [event_frame(record) for record in commands],
+    }
     return render(request, "gateway/device.html", {"device": found, "state": state})
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 from channels.layers import InMemoryChannelLayer, channel_layers
 
+from tests.gateway.browser import browser, gateway, operator  # noqa: F401  (fixtures of the browser tests)
+
 
 @pytest.fixture
 def layer():
