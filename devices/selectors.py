@@ -74,6 +74,13 @@ def events_after(*, after: int, device_ids: Collection[str] | None, limit: int) 
     return Replay(events=[record_of(event) for event in newest], gap=gap, horizon=horizon)
 
 
+def events_between(*, after: int, before: int, limit: int) -> list[EventRecord]:
+    """The newest ``limit`` events with ``after < id < before``, in id order (every device)."""
+    newest = list(Event.objects.filter(id__gt=after, id__lt=before).order_by("-id")[:limit])
+    newest.reverse()
+    return [record_of(event) for event in newest]
+
+
 def visible_device_ids(*, access: DeviceAccess, candidates: Collection[str]) -> set[str]:
     """Those of ``candidates`` that exist and ``access`` may view."""
     allowed = [device_id for device_id in candidates if access.can_view(device_id)]

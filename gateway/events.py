@@ -63,13 +63,12 @@ class WireEvent(TypedDict):
 
 
 class EventsMessage(TypedDict):
-    """One stored batch. ``source`` numbers its messages (``seq``) and says which id it sent last before this
-    one (``prev_id``), so a receiver can tell that a message was lost in the layer and which ids it held."""
+    """One stored batch, in id order. ``source`` numbers its messages (``seq``), so a receiver can count messages
+    lost in the layer (it recovers their events from the database by id)."""
 
     type: Literal["gateway.events"]
     source: str
     seq: int
-    prev_id: int
     events: list[WireEvent]
 
 
@@ -97,20 +96,15 @@ class EventsPublisher:
     def __init__(self, source: str) -> None:
         self.source = source
         self._seq = 0
-        self._last_id = 0
 
     def message(self, records: Sequence[EventRecord]) -> EventsMessage:
         self._seq += 1
-        message: EventsMessage = {
+        return {
             "type": EVENTS_MESSAGE_TYPE,
             "source": self.source,
             "seq": self._seq,
-            "prev_id": self._last_id,
             "events": [wire_event(record) for record in records],
         }
-        if records:
-            self._last_id = records[-1].id
-        return message
 
 
 def parse_events_message(message: dict[str, Any]) -> EventsMessage:
@@ -119,8 +113,8 @@ def parse_events_message(message: dict[str, Any]) -> EventsMessage:
         raise ValueError(f"not a {EVENTS_MESSAGE_TYPE} message: type {message.get('type')!r}")
     if not isinstance(message.get("events"), list) or not isinstance(message.get("source"), str):
         raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: keys {sorted(message)!r}")
-    if not all(_is_int(message.get(key)) for key in ("seq", "prev_id")):
-        raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: seq/prev_id not integers")
+    if not _is_int(message.get("seq")):
+        raise ValueError(f"malformed {EVENTS_MESSAGE_TYPE} message: seq is not an integer")
     for event in message["events"]:
         if not (
             isinstance(event, dict)

@@ -11,27 +11,102 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
+from devices import selectors
 from gateway import metrics
-from gateway.events import EVENTS_GROUP, EventsMessage, parse_events_message
+from gateway.db import db_call
+from gateway.events import EVENTS_GROUP, EventsMessage, WireEvent, parse_events_message, wire_event
 from gateway.feed import SocketFeed
 
 logger = logging.getLogger(__name__)
 
 GROUP_REFRESH = 600.0  # re-add the hub's channel to the group well within any layer's group expiry
+FILL_MAX = 5000  # most events one catch-up reads from the database; older missing ones become a gap
 _MAX_SOURCES = 1000
+
+
+class History(Protocol):
+    """What a hub reads of committed events (the database; a fake in unit tests)."""
+
+    async def last_id(self) -> int: ...
+
+    async def between(self, after: int, before: int, limit: int) -> list[WireEvent]:
+        """The newest ``limit`` events with ``after < id < before``, in id order."""
+        ...
+
+
+class StoredHistory:
+    """The database, through ``devices.selectors``."""
+
+    async def last_id(self) -> int:
+        return await db_call(selectors.last_event_id)()
+
+    async def between(self, after: int, before: int, limit: int) -> list[WireEvent]:
+        records = await db_call(selectors.events_between)(after=after, before=before, limit=limit)
+        return [wire_event(record) for record in records]
+
+
+class IdOrder:
+    """Keeps what one process delivers in strictly increasing id order, whichever writer's batch comes first.
+
+    Every event reaches every hub, but each writer (several bridges; the web side's command events) announces its
+    own batches after its own commit, so one batch can overtake another. Ids become visible in id order
+    (contract section 4), so when a batch starts beyond the last id delivered + 1, everything between is already
+    committed: it is read from the database and delivered first, and the overtaken batch, when it comes, finds
+    its ids delivered and is dropped. The same catch-up recovers batches lost in the layer. Rolled-back or deleted
+    ids simply read as nothing.
+    """
+
+    def __init__(self, history: History, *, fill_max: int = FILL_MAX) -> None:
+        self._history = history
+        self._fill_max = fill_max
+        self.delivered: int | None = None
+
+    async def start(self) -> None:
+        """Deliver what is committed from now on (called when the hub has joined the group, before it is ready).
+        Kept across rejoins: what was missed meanwhile is caught up (up to ``fill_max``) instead of lost."""
+        if self.delivered is None:
+            self.delivered = await self._history.last_id()
+
+    async def admit(self, events: list[WireEvent]) -> tuple[list[WireEvent], tuple[int, int] | None]:
+        """The events to deliver now, in id order, and an id range that could not be caught up (or None)."""
+        if not events:
+            return [], None
+        # Not started (driven directly, in tests): begin with this batch.
+        delivered = events[0]["id"] - 1 if self.delivered is None else self.delivered
+        if events[0]["id"] <= delivered:
+            events = [event for event in events if event["id"] > delivered]  # already delivered by a catch-up
+            if not events:
+                return [], None
+        gap: tuple[int, int] | None = None
+        first = events[0]["id"]
+        if first > delivered + 1:
+            try:
+                missing = await self._history.between(delivered, first, self._fill_max + 1)
+            except Exception as exc:  # the database is away: say what is missing, clients reload it later
+                metrics.HUB_CATCH_UP_FAILURES.inc()
+                logger.warning("could not read ids %d-%d to keep id order: %s", delivered + 1, first - 1, exc)
+                missing, gap = [], (delivered + 1, first - 1)
+            if len(missing) > self._fill_max:
+                missing = missing[-self._fill_max :]
+                gap = (delivered + 1, missing[0]["id"] - 1)
+            metrics.HUB_CAUGHT_UP.inc(len(missing))
+            events = missing + events
+        self.delivered = events[-1]["id"]
+        return events, gap
 
 
 class Hub:
     _instances: dict[tuple[int, int], Hub] = {}
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: Any, *, history: History | None = None) -> None:
         self._layer = layer
+        self._order = IdOrder(history or StoredHistory())
         self._all: set[SocketFeed] = set()
         self._wildcard: set[SocketFeed] = set()
         self._by_device: dict[str, set[SocketFeed]] = {}
-        self._sources: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._sources: OrderedDict[str, int] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.channel_name: str | None = None
         self.ready = asyncio.Event()
@@ -111,12 +186,13 @@ class Hub:
                     # when they share it; another prefix would make this receive and others block each other.
                     self.channel_name = await self._layer.new_channel()
                 await self._layer.group_add(EVENTS_GROUP, self.channel_name)
+                await self._order.start()
                 refresher = asyncio.create_task(self._refresh_membership(self.channel_name))
                 self.ready.set()
                 delay = 0.5
                 try:
                     while True:
-                        self.dispatch(await self._layer.receive(self.channel_name))
+                        await self.dispatch(await self._layer.receive(self.channel_name))
                 finally:
                     refresher.cancel()
             except asyncio.CancelledError:
@@ -134,7 +210,7 @@ class Hub:
             await asyncio.sleep(GROUP_REFRESH)
             await self._layer.group_add(EVENTS_GROUP, channel)
 
-    def dispatch(self, message: dict[str, Any]) -> None:
+    async def dispatch(self, message: dict[str, Any]) -> None:
         try:
             batch = parse_events_message(message)
         except ValueError as exc:
@@ -142,9 +218,16 @@ class Hub:
             logger.warning("ignored channel-layer message: %s", exc)
             return
         metrics.HUB_BATCHES.inc()
-        self._check_sequence(batch)
+        self._count_losses(batch)
+        events, gap = await self._order.admit(batch["events"])
+        if gap is not None:
+            for feed in self._all:
+                feed.gap(*gap)
+        self._route(events)
+
+    def _route(self, events: list[WireEvent]) -> None:
         wildcard, by_device = self._wildcard, self._by_device
-        for event in batch["events"]:
+        for event in events:
             device_id = event["device"]
             targets = by_device.get(device_id)
             if targets:
@@ -154,21 +237,16 @@ class Hub:
                 if feed.access.can_view(device_id) and (targets is None or feed not in targets):
                     feed.push(event)
 
-    def _check_sequence(self, batch: EventsMessage) -> None:
+    def _count_losses(self, batch: EventsMessage) -> None:
+        """Count batches lost in the layer, by each source's sequence (``IdOrder`` recovers their events)."""
         source, seq = batch["source"], batch["seq"]
-        last_id = batch["events"][-1]["id"] if batch["events"] else batch["prev_id"]
         previous = self._sources.get(source)
-        if previous is not None and seq <= previous[0]:
-            return  # late (reordered in transit): deliver it, but neither rewind nor report a loss
-        self._sources[source] = (seq, max(last_id, previous[1] if previous else 0))
+        if previous is not None and seq <= previous:
+            return  # late (reordered in transit): neither rewind nor report a loss
+        self._sources[source] = seq
         self._sources.move_to_end(source)
         while len(self._sources) > _MAX_SOURCES:
             self._sources.popitem(last=False)
-        if previous is None or seq == previous[0] + 1:
-            return
-        if seq > previous[0] + 1:
-            metrics.HUB_LOST.inc(seq - previous[0] - 1)
-            if batch["prev_id"] > previous[1]:
-                logger.warning("lost %d event batch(es) from %s in the channel layer", seq - previous[0] - 1, source)
-                for feed in self._all:
-                    feed.gap(previous[1] + 1, batch["prev_id"])
+        if previous is not None and seq > previous + 1:
+            metrics.HUB_LOST.inc(seq - previous - 1)
+            logger.warning("lost %d event batch(es) from %s in the channel layer", seq - previous - 1, source)

@@ -17,6 +17,13 @@ WS_ERRORS = Counter("gateway_ws_errors_total", "Error frames sent in answer to b
 WS_REFUSED = Counter("gateway_ws_refused_total", "WebSocket connections refused, by close code", ["code"])
 HUB_BATCHES = Counter("gateway_hub_batches_total", "Event batches received from the channel layer")
 HUB_LOST = Counter("gateway_hub_lost_batches_total", "Event batches lost in the channel layer (detected by sequence)")
+HUB_CAUGHT_UP = Counter(
+    "gateway_hub_caught_up_events_total",
+    "Events a hub read from the database because their batch came late or was lost, to deliver in id order",
+)
+HUB_CATCH_UP_FAILURES = Counter(
+    "gateway_hub_catch_up_failures_total", "Catch-up reads that failed (the missing ids became a gap)"
+)
 HUB_INVALID = Counter("gateway_hub_invalid_messages_total", "Malformed channel-layer messages ignored")
 HUB_ERRORS = Counter("gateway_hub_layer_errors_total", "Channel-layer receive failures (the hub retries)")
 LAYER_SEND_FAILURES = Counter(

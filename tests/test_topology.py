@@ -396,8 +396,8 @@ def duplicates(ids: list[int]) -> list[int]:
 
 
 def descents(ids: list[int]) -> int:
-    """How often an id arrived below the one before it (batches of two bridges interleaving)."""
-    return sum(1 for before, after in itertools.pairwise(ids) if after < before)
+    """How often an id arrived at or below the one before it."""
+    return sum(1 for before, after in itertools.pairwise(ids) if after <= before)
 
 
 # --- the test ---------------------------------------------------------------------------------------------------
@@ -452,6 +452,9 @@ def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(r
         assert all(share for share in shares), f"both bridges store a share (telemetry stored per bridge): {shares}"
         assert sum(share or 0 for share in shares) == TOTAL, f"each message stored once: {shares}"
         assert watch.violations == [], f"ids became visible out of id order: {watch.violations[:5]}"
+        # Batches of two bridges (and the web side's command events) overtake one another in the layer; each hub
+        # catches the overtaken ids up from the database, so every client sees ids in strictly increasing order.
+        assert (descents(a.received_ids()), descents(b.received_ids())) == (0, 0), "ids out of order on A/B"
         assert watch.polls > 10, f"the id order was read only {watch.polls} times"
 
     complete_at = max(a.complete_at, b.complete_at)
@@ -463,6 +466,6 @@ def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(r
             f"{(complete_at - flood.last_publish_at) * 1000:.0f} ms after the last; "
             f"telemetry stored per bridge {[int(share or 0) for share in shares]}; "
             f"command succeeded on B {states[-1][1] - command_sent_at:.2f} s after it was sent through A "
-            f"(device answers after 0.3 s); ids out of order on A/B {descents(a.received_ids())}/"
-            f"{descents(b.received_ids())} times; id order in the database checked in {watch.polls} polls"
+            f"(device answers after 0.3 s); ids in strictly increasing order on both clients; "
+            f"id order in the database checked in {watch.polls} polls"
         )

@@ -198,12 +198,12 @@ def test_gap_frame():
 # --- the numbered layer messages ----------------------------------------------------------------------------
 
 
-def test_publisher_numbers_messages_and_links_them_by_prev_id():
+def test_publisher_numbers_its_messages():
     publisher = EventsPublisher("bridge-a")
     first = publisher.message([record(1), record(2, "s2")])
     empty = publisher.message([])
     third = publisher.message([record(5)])
-    assert [(m["seq"], m["prev_id"]) for m in (first, empty, third)] == [(1, 0), (2, 2), (3, 2)]
+    assert [m["seq"] for m in (first, empty, third)] == [1, 2, 3]
     assert all(m["type"] == EVENTS_MESSAGE_TYPE and m["source"] == "bridge-a" for m in (first, empty, third))
     assert first["events"] == [wire_event(record(1)), wire_event(record(2, "s2"))]
     assert empty["events"] == []
@@ -212,7 +212,7 @@ def test_publisher_numbers_messages_and_links_them_by_prev_id():
 def test_publishers_number_independently():
     a, b = EventsPublisher("a"), EventsPublisher("b")
     a.message([record(1)])
-    assert (b.message([record(2)])["seq"], b.message([])["prev_id"]) == (1, 2)
+    assert (b.message([record(2)])["seq"], b.message([])["seq"]) == (1, 2)
 
 
 def test_published_messages_pass_the_parser_and_are_msgpack_friendly():
@@ -237,15 +237,12 @@ def good_message(**changes):
         pytest.param({k: v for k, v in good_message().items() if k != "events"}, id="no_events"),
         pytest.param({k: v for k, v in good_message().items() if k != "source"}, id="no_source"),
         pytest.param({k: v for k, v in good_message().items() if k != "seq"}, id="no_seq"),
-        pytest.param({k: v for k, v in good_message().items() if k != "prev_id"}, id="no_prev_id"),
         pytest.param(good_message(events="x"), id="events_not_list"),
         pytest.param(good_message(events={"id": 1}), id="events_dict"),
         pytest.param(good_message(source=1), id="source_not_str"),
         pytest.param(good_message(seq="1"), id="seq_str"),
         pytest.param(good_message(seq=1.0), id="seq_float"),
         pytest.param(good_message(seq=True), id="seq_bool"),
-        pytest.param(good_message(prev_id=None), id="prev_id_none"),
-        pytest.param(good_message(prev_id=False), id="prev_id_bool"),
         pytest.param(good_message(events=[1]), id="event_not_dict"),
         pytest.param(good_message(events=[{"device": "s1", "frame": "{}"}]), id="event_without_id"),
         pytest.param(good_message(events=[{"id": "1", "device": "s1", "frame": "{}"}]), id="event_id_str"),
