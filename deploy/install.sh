@@ -168,6 +168,8 @@ install_config() {
   for name in "${SECRETS[@]}"; do
     [ -s "$CONFDIR/credentials/$name" ] || missing+=("$name")
   done
+  # Secrets stay root's and read-only, however they were written.
+  find "$CONFDIR/credentials" -maxdepth 1 -type f ! -perm 0400 -exec chmod 0400 {} +
   if [ ${#missing[@]} -gt 0 ]; then
     die "missing credentials in $CONFDIR/credentials: ${missing[*]} (see deploy/credentials.example), then run again"
   fi
