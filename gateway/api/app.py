@@ -3,28 +3,48 @@ OpenAPI 3.1 schema generated from the same types at ``/api/openapi.json`` (inter
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from django.http import HttpRequest
 from django.urls import URLPattern, URLResolver
+from django.utils.datastructures import MultiValueDict
 from ninja import NinjaAPI
 from ninja.errors import ValidationError, ValidationErrorContext
 from ninja.parser import Parser
 
 from gateway.api import commands, devices
 from gateway.api.auth import BearerToken, SessionWithCsrf
-from gateway.api.errors import install_handlers, json_errors
+from gateway.api.errors import BodyError, install_handlers, json_errors
 
 API_NAMESPACE = "api"
 
 
-class OrjsonParser(Parser):
-    """Request bodies are parsed by orjson, as everywhere in the gateway: NaN and Infinity are refused, nesting
-    is capped, and invalid UTF-8 is an error rather than replaced."""
+class GatewayParser(Parser):
+    """Request bodies are parsed by orjson, as everywhere in the gateway (NaN and Infinity are refused, nesting is
+    capped, invalid UTF-8 is an error), and must be JSON objects (``null`` stands for no body)."""
 
-    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
-        return cast("dict[str, Any]", orjson.loads(request.body))
+    def parse_body(self, request: HttpRequest) -> dict[str, Any] | None:  # type: ignore[override]
+        try:
+            data = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise BodyError(f"body is not valid JSON: {exc}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise BodyError(f"body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    def parse_querydict(
+        self, data: MultiValueDict[str, Any], list_fields: list[str], request: HttpRequest
+    ) -> dict[str, Any]:
+        """Ninja's, except that a parameter that takes one value may not be given several times."""
+        repeated = [
+            {"loc": ("query", key), "msg": f"given {len(data.getlist(key))} times, expected once", "type": "repeated"}
+            for key in data
+            if key not in list_fields and len(data.getlist(key)) > 1
+        ]
+        if repeated:
+            raise ValidationError(repeated)
+        return super().parse_querydict(data, list_fields, request)
 
 
 class GatewayApi(NinjaAPI):
@@ -52,7 +72,7 @@ api = GatewayApi(
     "(`manage.py issue_token`) or the console's session (unsafe methods then need the X-CSRFToken header).",
     urls_namespace=API_NAMESPACE,
     auth=[BearerToken(), SessionWithCsrf()],
-    parser=OrjsonParser(),
+    parser=GatewayParser(),
 )
 install_handlers(api)
 api.add_router("", devices.router)

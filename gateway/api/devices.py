@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from django.http import HttpRequest
-from ninja import Body, Query, Router, Status
+from ninja import Query, Router, Status
 from ninja.responses import codes_4xx
 
 from devices import selectors, services
@@ -35,6 +35,9 @@ SEVERITIES = ("info", "warning", "critical")
 
 # Free text from a query string: bounded, and without NUL (PostgreSQL refuses it in any string).
 Text = Annotated[str, Query(max_length=200, pattern=r"^[^\x00]*$")]
+# At most METRICS_MAX names of at most 128 characters, without NUL (metric names with a comma cannot be asked for).
+METRICS_PATTERN = rf"^[^,\x00]{{0,128}}(,[^,\x00]{{0,128}}){{0,{METRICS_MAX - 1}}}$"
+SEVERITY_PATTERN = rf"^({'|'.join(SEVERITIES)})(,({'|'.join(SEVERITIES)}))*$"
 Sort = Literal["id", "-id", "name", "-name", "last_seen", "-last_seen"]
 
 
@@ -114,9 +117,8 @@ def telemetry(
     metrics: Annotated[
         str | None,
         Query(
-            max_length=METRICS_MAX * 129,
-            pattern=r"^[^\x00]*$",
-            description=f"Comma-separated metric names (default: the device's numeric metrics, up to {METRICS_MAX}).",
+            pattern=METRICS_PATTERN,
+            description=f"Up to {METRICS_MAX} comma-separated metric names (default: the device's numeric metrics).",
         ),
     ] = None,
     start: Annotated[UnixTime | None, Query(description="Default: end - 3600.")] = None,
@@ -132,7 +134,7 @@ def telemetry(
     since = start if start is not None else max(0.0, until - DEFAULT_RANGE)
     if since >= until:
         raise ApiError(400, "bad_request", f"start ({since}) must be before end ({until})")
-    names = _metric_names(metrics) if metrics is not None else _numeric_metrics(device.latest)
+    names = list(dict.fromkeys(name for name in (metrics or "").split(",") if name)) or _numeric_metrics(device.latest)
     series = selectors.telemetry_series(device_id=device.id, metrics=names, start=since, end=until, buckets=buckets)
     widths = [found.bucket for found in series.values() if found.bucket is not None]
     return {
@@ -143,13 +145,6 @@ def telemetry(
         "series": {name: asdict(found) for name, found in series.items()},
         "last_id": last_id,
     }
-
-
-def _metric_names(raw: str) -> list[str]:
-    names = list(dict.fromkeys(name for name in raw.split(",") if name))
-    if not names or len(names) > METRICS_MAX:
-        raise ApiError(400, "bad_request", f"metrics must name 1 to {METRICS_MAX} metrics, got {len(names)}")
-    return names
 
 
 def _numeric_metrics(latest: dict[str, Any]) -> list[str]:
@@ -164,7 +159,7 @@ def device_events(
     start: UnixTime | None = None,
     end: UnixTime | None = None,
     severity: Annotated[
-        str | None, Query(max_length=100, description="Comma-separated: info, warning, critical.")
+        str | None, Query(pattern=SEVERITY_PATTERN, description="Comma-separated: info, warning, critical.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=EVENTS_MAX)] = EVENTS_DEFAULT,
     before: Annotated[schemas.BigId | None, Query(description="Only events with a smaller id (paging).")] = None,
@@ -172,19 +167,11 @@ def device_events(
     """A device's ``event`` frames (name, severity), newest first, each with who acknowledged it."""
     last_id = selectors.last_event_id()
     device = device_or_404(request, device_id)
-    severities = _severities(severity) if severity is not None else None
+    severities = severity.split(",") if severity is not None else None
     found = selectors.device_events(
         device_id=device.id, start=start, end=end, severities=severities, before=before, limit=limit
     )
     return {"events": _frames(found), "last_id": last_id}
-
-
-def _severities(raw: str) -> list[str]:
-    names = [name for name in raw.split(",") if name]
-    unknown = [name for name in names if name not in SEVERITIES]
-    if unknown or not names:
-        raise ApiError(400, "bad_request", f"severity must list {', '.join(SEVERITIES)}; got {raw[:100]!r}")
-    return names
 
 
 def _frames(records: Sequence[EventRecord]) -> list[dict[str, Any]]:
@@ -202,15 +189,14 @@ def _frames(records: Sequence[EventRecord]) -> list[dict[str, Any]]:
 
 @router.post("/devices/{device_id}/alerts/ack", response={200: schemas.Ack, codes_4xx: schemas.Error})
 def acknowledge_device(
-    request: HttpRequest, device_id: DeviceId, body: Annotated[schemas.AckRequest | None, Body()] = None
+    request: HttpRequest, device_id: DeviceId, body: schemas.AckRequest | None = None
 ) -> dict[str, Any]:
     """Acknowledge the device's current alerts (operate permission), or only ``event_ids``; who and when are
-    stored. Returns how many were acknowledged now and the device as it is after."""
+    stored. The body may be left out. Returns how many were acknowledged now and the device as it is after."""
     user = current_user(request)
     now = time.time()
-    event_ids = body.event_ids if body is not None else None
     count = services.acknowledge_alerts(
-        user=user, access=access_for(user), device_ids=[device_id], event_ids=event_ids, now=now
+        user=user, access=access_for(user), device_ids=[device_id], event_ids=body.event_ids if body else None, now=now
     )
     return {"acknowledged": count, "device": device_json(_summary_or_404(request, device_id))}
 

@@ -7,7 +7,6 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.cache import never_cache
 from ninja import NinjaAPI
@@ -26,6 +25,10 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class BodyError(ValueError):
+    """A request body that is not a JSON object (ninja answers it as a 400 caused by this)."""
 
 
 def error(status: int, code: str, message: str) -> JsonResponse:
@@ -61,9 +64,8 @@ def answer(request: HttpRequest, exc: object) -> HttpResponse:
     if isinstance(exc, AuthenticationError):
         return error(401, "unauthenticated", "log in or send Authorization: Bearer <token>")
     if isinstance(exc, HttpError):
-        cause = exc.__cause__
-        if isinstance(cause, orjson.JSONDecodeError | UnicodeDecodeError):
-            return error(400, "bad_request", f"body is not valid JSON: {cause}")
+        if isinstance(exc.__cause__, BodyError):
+            return error(400, "bad_request", str(exc.__cause__))
         return error(exc.status_code, "bad_request" if exc.status_code == 400 else "error", exc.message)
     raise TypeError(f"no API answer for {type(exc).__name__}")
 
@@ -89,9 +91,9 @@ def json_errors(view: View) -> View:
         response = view(request, *args, **kwargs)
         if response.status_code != 405:
             return response
-        allowed = response.get("Allow", "")
-        answer = error(405, "method_not_allowed", f"use {allowed.replace(', ', ' or ')}")
-        answer["Allow"] = allowed
+        allowed = sorted(method.strip() for method in response.get("Allow", "").split(","))  # ninja's set order
+        answer = error(405, "method_not_allowed", f"use {' or '.join(allowed)}")
+        answer["Allow"] = ", ".join(allowed)
         return answer
 
     return wrapped

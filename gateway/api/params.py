@@ -12,8 +12,11 @@ from devices.identifiers import is_device_id
 from devices.models import Device
 from devices.permissions import access_for
 from gateway.api.errors import ApiError
+from gateway.api.schemas import DocumentedDeviceId
 
-DeviceId = Annotated[str, Path(description="A device id: 1-64 of A-Z a-z 0-9 _ . - (contract section 1).")]
+DeviceId = Annotated[
+    DocumentedDeviceId, Path(description="A device id: 1-64 of A-Z a-z 0-9 _ . - (contract section 1).")
+]
 
 # Unix seconds. Bounded so that no arithmetic on them overflows and no NaN or infinity reaches a query.
 UnixTime = Annotated[float, Query(ge=0, le=1e10, allow_inf_nan=False)]

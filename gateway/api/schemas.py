@@ -8,7 +8,14 @@ from typing import Annotated, Any
 from ninja import Schema
 from pydantic import Field, WithJsonSchema
 
+from devices.identifiers import COMMAND_NAME_RE, DEVICE_ID_RE
+
 Frame = dict[str, Any]
+
+# Names the gateway checks itself (devices.identifiers): the schema documents the grammar, the gateway's own check
+# answers a bad one (404 unknown_device, 400 bad_command), as it does over the WebSocket.
+DEVICE_ID_SCHEMA = {"type": "string", "pattern": f"^{DEVICE_ID_RE.pattern}$"}
+DocumentedDeviceId = Annotated[str, WithJsonSchema(DEVICE_ID_SCHEMA)]
 
 # Ids and counters the databases store as 64-bit integers: larger values would fail there, not here.
 BigId = Annotated[int, Field(ge=1, le=2**63 - 1)]
@@ -88,7 +95,7 @@ class Ack(Schema):
 
 
 class AlertsAckRequest(Schema):
-    devices: list[str] = Field(min_length=1, max_length=1000)
+    devices: list[DocumentedDeviceId] = Field(min_length=1, max_length=1000)
 
 
 class AlertsAck(Schema):
@@ -96,14 +103,20 @@ class AlertsAck(Schema):
     devices: list[Device]
 
 
+PARAMS_RULES = (
+    "Plain JSON: at most 32 levels deep, finite numbers, integers within 64 bits, no NUL in keys or strings, "
+    "and small enough for GATEWAY_MAX_PAYLOAD (else 400 bad_command or too_large)."
+)
+
+
 class CommandRequest(Schema):
     """``params``, ``request_id`` and ``timeout`` are checked by the gateway's command rules (errors ``bad_command``,
     ``too_large``), so their types here only document them."""
 
-    device: str
-    name: str
-    params: Annotated[Any, WithJsonSchema({"type": "object"})] = None
-    request_id: Annotated[Any, WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 100})] = None
+    device: DocumentedDeviceId
+    name: Annotated[str, WithJsonSchema({"type": "string", "pattern": f"^{COMMAND_NAME_RE.pattern}$"})]
+    params: Annotated[Any, WithJsonSchema({"type": "object", "description": PARAMS_RULES})] = None
+    request_id: Annotated[Any, WithJsonSchema({"type": "string", "pattern": "^[^\\x00]{1,100}$"})] = None
     timeout: Annotated[Any, WithJsonSchema({"type": "number", "minimum": 1, "maximum": 3600})] = None
 
 

@@ -211,7 +211,15 @@ def test_params_larger_than_the_payload_limit_get_400(api, devices, settings):
 
 @pytest.mark.parametrize(
     "raw",
-    [b"{not json", b"[1, 2]", b'"x"', b'{"device": "on-1", "name": "r", "params": {"x": NaN}}', b"\xff\xfe"],
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'"x"',
+        b'{"device": "on-1", "name": "r", "params": {"x": NaN}}',
+        b"\xff\xfe",
+        b"null",
+        b"",
+    ],
 )
 def test_a_body_that_is_not_a_json_object_gets_400(api, devices, raw):
     response = api.post("/api/commands", raw, content_type="application/json")

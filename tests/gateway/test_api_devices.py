@@ -321,8 +321,8 @@ def test_a_token_needs_no_csrf_token(root, fleet):
 
 def test_a_wrong_method_gets_a_json_405_with_allow(api, fleet):
     response = api.put("/api/devices/a-2")
-    assert response.status_code == 405 and response["Allow"] == "GET, DELETE"
-    assert response.json() == {"error": "method_not_allowed", "message": "use GET or DELETE"}
+    assert response.status_code == 405 and response["Allow"] == "DELETE, GET"
+    assert response.json() == {"error": "method_not_allowed", "message": "use DELETE or GET"}
     assert api.post("/api/devices").status_code == 405
 
 
