@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,3 +207,21 @@ def screenshot(page, name: str) -> Path:
     path = ARTIFACTS / name
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def store(*observations: object) -> None:
+    """Store observations as the bridge would (history for the pages to load), in one batch."""
+    from devices import services
+
+    services.ingest(observations=observations, auto_register=True, max_devices=100_000)  # type: ignore[arg-type]
+
+
+def observation(device: str, kind: str, body: dict, at: float) -> object:
+    from devices.records import EventKind, Observation
+
+    return Observation(device_id=device, kind=EventKind(kind), received_at=at, body=body)
+
+
+def wait_until(page, script: str, arg: object = None, timeout_ms: int = EXPECT_TIMEOUT_MS) -> Any:
+    """Wait until ``script`` (a function of ``arg``) is truthy in the page; returns its value."""
+    return page.wait_for_function(script, arg=arg, timeout=timeout_ms).json_value()

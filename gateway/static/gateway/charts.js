@@ -296,7 +296,7 @@ export class ChartPanel {
     return `${format(this.window.start)} to ${this.custom.end === null ? "now" : format(this.window.end)}`;
   }
 
-  /** The numeric metrics worth a chart, in name order, at most CHARTS_MAX. */
+  /** The numeric metrics, in name order (charted: the first CHARTS_MAX). */
   numericMetrics() {
     return this.device.sortedMetrics().filter((metric) => typeof this.device.values.get(metric).value === "number");
   }
@@ -343,21 +343,23 @@ export class ChartPanel {
     if (generation !== this.loads) return;
     this.progress.stop();
     delete this.root.dataset.loading;
-    if (failures.length) this.showNote(`Some history could not be loaded (${failures.join("; ")}).`);
-    else if (!total) this.showNote("No numeric telemetry to chart yet.");
+    this.showNote(this.loadNote(failures, total));
     this.requestRender();
   }
 
   /** One chart per numeric metric (new metrics get one, up to the cap). */
   syncCharts() {
-    const wanted = this.numericMetrics();
-    for (const metric of wanted.slice(0, CHARTS_MAX)) {
-      if (!this.charts.has(metric))
-        this.charts.set(metric, new MetricChart(this.uPlot, metric, this.grid, this.window));
+    for (const metric of this.numericMetrics().slice(0, CHARTS_MAX)) {
+      if (this.charts.has(metric)) continue;
+      this.charts.set(metric, new MetricChart(this.uPlot, metric, this.grid, this.window));
     }
-    const left = wanted.length - Math.min(wanted.length, CHARTS_MAX);
-    this.root.dataset.uncharted = String(left);
-    return left;
+  }
+
+  loadNote(failures, total) {
+    if (failures.length) return `Some history could not be loaded (${failures.join("; ")}).`;
+    if (!total) return "No numeric telemetry to chart yet.";
+    const left = this.numericMetrics().length - total;
+    return left > 0 ? `${plural(left, "more numeric metric")} not charted (at most ${CHARTS_MAX} charts).` : "";
   }
 
   /** A telemetry frame for this device, live: its numbers go on the charts (a new numeric metric gets one). */
