@@ -11,6 +11,7 @@ from django.urls import URLPattern, URLResolver
 from django.utils.datastructures import MultiValueDict
 from ninja import NinjaAPI
 from ninja.errors import ValidationError, ValidationErrorContext
+from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 
 from gateway.api import commands, devices
@@ -63,6 +64,25 @@ class GatewayApi(NinjaAPI):
                     found["input"] = item.get("input")
                 errors.append(found)
         return ValidationError(errors)
+
+    def get_openapi_schema(
+        self, *, path_prefix: str | None = None, path_params: dict[str, Any] | None = None
+    ) -> OpenAPISchema:
+        """Ninja's schema, except that optional parameters are not also documented as ``null``: a query string
+        cannot carry a null, leaving the parameter out is how to say "none"."""
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    parameter["schema"] = _without_null(parameter["schema"])
+        return schema
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    options = [option for option in schema.get("anyOf", []) if option != {"type": "null"}]
+    if len(options) != 1:
+        return schema
+    return {**{key: value for key, value in schema.items() if key != "anyOf"}, **options[0]}
 
 
 api = GatewayApi(
