@@ -24,6 +24,7 @@ from tests.support import (
     gateway_env,
     http_ok,
     manage,
+    require,
     require_chromium,
     require_mosquitto,
     wait_for,
@@ -48,6 +49,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 EXPECT_TIMEOUT_MS = 10_000
+CHART_LIBRARY = ROOT / "gateway" / "static" / "gateway" / "vendor" / "uplot" / "uPlot.esm.js"
 
 
 @dataclass
@@ -225,3 +227,8 @@ def observation(device: str, kind: str, body: dict, at: float) -> object:
 def wait_until(page, script: str, arg: object = None, timeout_ms: int = EXPECT_TIMEOUT_MS) -> Any:
     """Wait until ``script`` (a function of ``arg``) is truthy in the page; returns its value."""
     return page.wait_for_function(script, arg=arg, timeout=timeout_ms).json_value()
+
+
+def require_chart_library() -> None:
+    """The charts need uPlot, which scripts/test fetches (scripts/fetch_vendor.py) before running pytest."""
+    require("uPlot, the console's chart library,", CHART_LIBRARY.is_file(), "fetch it: python scripts/fetch_vendor.py")

@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from tests.gateway.browser import BROWSER_MARKS, observation, open_console, screenshot, store, wait_until
+from tests.gateway.browser import (
+    BROWSER_MARKS,
+    observation,
+    open_console,
+    require_chart_library,
+    screenshot,
+    store,
+    wait_until,
+)
 
 pytestmark = BROWSER_MARKS
 
@@ -60,6 +68,7 @@ def points_become(page, metric: str, low: int, high: int) -> int:
 def test_charts_draw_history_and_append_live_points(history, browser, gateway, operator):
     from playwright.sync_api import expect
 
+    require_chart_library()
     with gateway.diagnosed():
         page = open_console(browser, gateway, operator)
         page.goto(f"{gateway.url}/devices/dev-h/")

@@ -85,3 +85,33 @@ def test_management_commands(capsys, operator):
     services.ingest(observations=[old], auto_register=True, max_devices=10)
     call_command("purge_history")
     assert "Removed 1 events" in capsys.readouterr().out and not Event.objects.exists()
+
+
+def test_the_fleet_page_offers_the_visible_kinds_and_fleets_as_filters(client, operator):
+    from devices.models import Fleet
+
+    Device.objects.create(id="p-1", kind="pump")
+    Device.objects.create(id="v-1", kind="valve")
+    Fleet.objects.create(name="north").devices.add("p-1")
+    response = client.get("/")
+    assert response.status_code == 200 and response.context["kinds"] == ["pump", "valve"]
+    assert response.context["fleets"] == ["north"]
+    html = response.content.decode()
+    assert '<option value="pump">pump</option>' in html and '<option value="north">north</option>' in html
+    assert 'id="console-state"' not in html  # the devices come from /api/devices, a page at a time
+
+
+def test_the_device_page_embeds_its_state_newest_events_and_latest_command_states(client, operator):
+    now = time.time()
+    stored = services.ingest(
+        observations=[
+            Observation(device_id="d", kind=EventKind.TELEMETRY, received_at=now, body={"values": {"t": n}})
+            for n in range(60)
+        ],
+        auto_register=True,
+        max_devices=10,
+    ).stored
+    state = client.get("/devices/d/").context["state"]
+    assert state["last_id"] == stored[-1].id and state["device"]["latest"] == {"t": 59}
+    assert [frame["id"] for frame in state["events"]] == [record.id for record in reversed(stored[-50:])]
+    assert state["commands"] == []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, require
 
 _spec = importlib.util.spec_from_file_location("fetch_vendor", ROOT / "scripts" / "fetch_vendor.py")
 assert _spec is not None and _spec.loader is not None
@@ -98,3 +98,13 @@ def test_the_pinned_uplot_is_what_the_console_loads():
     )
     names = {Path(member).name for member in fetch_vendor.UPLOT.files}
     assert names == {"uPlot.esm.js", "uPlot.min.css", "LICENSE"}
+
+
+def test_the_fetched_files_are_static_files_for_collectstatic():
+    from django.contrib.staticfiles import finders
+
+    dest = fetch_vendor.DEFAULT_DEST
+    require("the fetched uPlot", fetch_vendor.in_place(dest, fetch_vendor.UPLOT), "run: python scripts/fetch_vendor.py")
+    for member in fetch_vendor.UPLOT.files:
+        found = finders.find(f"gateway/vendor/uplot/{Path(member).name}")
+        assert found is not None and Path(str(found)).is_file(), member

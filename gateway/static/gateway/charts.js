@@ -39,45 +39,67 @@ export async function loadUplot(moduleUrl, cssUrl) {
   }
 }
 
-/** The numbers of one metric's history: time, and each point's min, mean and max (equal for raw points). */
+/**
+ * The numbers of one metric's history: time, and each point's min, mean, max and count. Raw points (`bucket` null)
+ * have min = mean = max; bucketed ones (`bucket` seconds wide) also take live points into their last bucket, so a
+ * long range stays as many points as it has buckets however long the page stays open.
+ */
 class Series {
-  constructor() {
+  constructor(bucket = null) {
+    this.bucket = bucket;
     this.t = [];
     this.min = [];
     this.mean = [];
     this.max = [];
+    this.count = [];
   }
 
   get length() {
     return this.t.length;
   }
 
-  /** Fill from an API series ({t, min, max, mean}); with a bucket size, a null point breaks the line at holes. */
+  /** Fill from an API series ({t, min, max, mean, count}); when bucketed, a null point breaks the line at holes. */
   static fromApi(api, bucket) {
-    const series = new Series();
+    const series = new Series(bucket || null);
     const t = Array.isArray(api?.t) ? api.t : [];
     for (let i = 0; i < t.length; i += 1) {
-      if (bucket && i > 0 && t[i] - t[i - 1] > GAP_FACTOR * bucket) series.push(t[i - 1] + bucket, null, null, null);
-      series.push(t[i], api.min?.[i] ?? null, api.mean?.[i] ?? null, api.max?.[i] ?? null);
+      if (bucket && i > 0 && t[i] - t[i - 1] > GAP_FACTOR * bucket) series.push(t[i - 1] + bucket, null, null, null, 0);
+      series.push(t[i], api.min?.[i] ?? null, api.mean?.[i] ?? null, api.max?.[i] ?? null, api.count?.[i] ?? 1);
     }
     return series;
   }
 
-  push(t, min, mean, max) {
+  push(t, min, mean, max, count) {
     this.t.push(t);
     this.min.push(min);
     this.mean.push(mean);
     this.max.push(max);
+    this.count.push(count);
   }
 
-  /** Add one raw point in time order (live points almost always go at the end). */
+  /** Add one live value in time order (it almost always goes at the end). */
   insert(t, value) {
+    const last = this.t.length - 1;
+    if (this.bucket && last >= 0 && this.mean[last] !== null && t >= this.t[last]) {
+      const offset = Math.floor((t - this.t[last]) / this.bucket) * this.bucket;
+      if (offset === 0) return this.merge(last, value);
+      t = this.t[last] + offset; // the start of its bucket, on the history's grid
+    }
     let at = this.t.length;
     while (at > 0 && this.t[at - 1] > t) at -= 1;
     this.t.splice(at, 0, t);
     this.min.splice(at, 0, value);
     this.mean.splice(at, 0, value);
     this.max.splice(at, 0, value);
+    this.count.splice(at, 0, 1);
+  }
+
+  merge(at, value) {
+    const n = this.count[at];
+    this.min[at] = Math.min(this.min[at], value);
+    this.max[at] = Math.max(this.max[at], value);
+    this.mean[at] = (this.mean[at] * n + value) / (n + 1);
+    this.count[at] = n + 1;
   }
 
   /** Drop points before `start`, and the oldest beyond POINTS_MAX. */
@@ -86,7 +108,7 @@ class Series {
     while (drop < this.t.length && this.t[drop] < start) drop += 1;
     drop = Math.max(drop, this.t.length - POINTS_MAX);
     if (drop <= 0) return;
-    for (const column of [this.t, this.min, this.mean, this.max]) column.splice(0, drop);
+    for (const column of [this.t, this.min, this.mean, this.max, this.count]) column.splice(0, drop);
   }
 
   lastValue() {
@@ -236,28 +258,28 @@ export class ChartPanel {
     this.choose(this.range);
   }
 
+  /** Whether the window ends now (and slides, taking live points). */
   get sliding() {
-    return this.range !== "custom" || this.custom.end === null;
+    return this.custom === null || this.custom.end === null;
   }
 
+  /** A range button: a preset loads at once; "custom" opens the form (the charts keep their range until Show). */
   choose(range) {
-    this.range = range;
     for (const button of this.rangeButtons) button.setAttribute("aria-pressed", String(button.dataset.range === range));
     this.customForm.hidden = range !== "custom";
     if (range === "custom") {
-      this.fillCustomForm();
+      this.openCustomForm();
       return;
     }
+    this.range = range;
     this.custom = null;
     this.load();
   }
 
-  fillCustomForm() {
+  openCustomForm() {
     const from = this.customForm.elements.namedItem("from");
-    const to = this.customForm.elements.namedItem("to");
     if (!from.value) from.value = localInputValue(this.window.start || Date.now() / 1000 - 3600);
     from.focus();
-    if (!to.value && !this.custom) to.value = "";
   }
 
   applyCustom() {
@@ -269,6 +291,7 @@ export class ChartPanel {
     if (end !== null && end <= start) return this.invalid(to, "The end of the range must be after its start.");
     from.removeAttribute("aria-invalid");
     to.removeAttribute("aria-invalid");
+    this.range = "custom";
     this.custom = { start, end };
     this.load();
   }

@@ -60,6 +60,7 @@ export class FleetPage {
     this.loads = 0;
     this.abort = null;
     this.rendered = false;
+    this.shownOrder = null; // the ids of the rows in the table, in order
     this.newcomerTimer = null;
     this.searchTimer = null;
     this.bindControls();
@@ -261,7 +262,12 @@ export class FleetPage {
       this.counts = { online: 0, offline: 0, alerting: 0, ...answer.counts };
       this.countsAsOf = snapshotId;
     }
-    this.body.replaceChildren(...[...models.values()].map((model) => this.row(model).tr));
+    // Rows are kept per device: a refresh that brings the same page touches no row (focus stays where it is).
+    const order = [...models.keys()].join("\u0000");
+    if (order !== this.shownOrder) {
+      this.body.replaceChildren(...[...models.values()].map((model) => this.row(model).tr));
+      this.shownOrder = order;
+    }
     this.dirty = new Set(models.keys());
     const first = !this.rendered;
     this.rendered = true;
