@@ -11,6 +11,8 @@ import queue
 import signal
 import socket
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.models import Event
@@ -175,14 +179,50 @@ def test_the_bridge_account_reads_every_device_but_devices_publish_no_commands(b
         assert device.messages.empty()
 
 
-@pytest.mark.parametrize("over_tls", [True, False], ids=["tls", "loopback"])
-@pytest.mark.parametrize("user,password", [(None, None), ("dev-1", "wrong")], ids=["anonymous", "bad-password"])
-def test_nobody_connects_without_the_right_password(broker, over_tls, user, password):
-    client = Client(broker, user, over_tls=over_tls, password=password)
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt3.1.1"])
+def test_the_in_flight_window_holds_a_whole_batch(broker, protocol):
+    """A bridge acknowledges nothing until its batch is stored: the broker must hand out at least GATEWAY_BATCH_MAX
+    (500) unacknowledged messages. MQTT 5: the bridge's receive maximum (1,000); 3.1.1: max_inflight_messages."""
+    received: list[int] = []
+    bridge = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"window-{uuid.uuid4().hex[:6]}", protocol=protocol, manual_ack=True
+    )
+    bridge.username_pw_set("gateway-bridge", PASSWORDS["gateway-bridge"])
+    subscribed = threading.Event()
+    bridge.on_message = lambda client, userdata, message: received.append(message.mid)
+    bridge.on_subscribe = lambda *args: subscribed.set()
+    properties = None
+    if protocol == mqtt.MQTTv5:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.ReceiveMaximum = 1000
+    bridge.connect("127.0.0.1", broker.local_port, properties=properties)
+    bridge.loop_start()
     try:
-        assert not client.connected()
+        bridge.subscribe("devices/+/telemetry", qos=1)
+        assert subscribed.wait(5)
+        with clients(broker, "dev-1") as (device,):
+            infos = [device.paho.publish("devices/dev-1/telemetry", b"{}", qos=1) for _ in range(1500)]
+            for info in infos:
+                info.wait_for_publish(10)
+        wait_for(lambda: len(received) >= 1000, timeout=10, what="1,000 unacknowledged messages")
+        time.sleep(0.3)  # and no more
     finally:
-        client.close()
+        bridge.loop_stop()
+        bridge.disconnect()
+    assert len(received) == 1000
+
+
+def test_nobody_connects_without_the_right_password(broker):
+    attempts = [  # anonymous, then a wrong password; on both listeners, all at once (refusals take a second)
+        Client(broker, user, over_tls=over_tls, password=password)
+        for over_tls in (True, False)
+        for user, password in ((None, None), ("dev-1", "wrong"))
+    ]
+    try:
+        assert [client.connected() for client in attempts] == [False] * 4
+    finally:
+        for client in attempts:
+            client.close()
 
 
 @pytest.mark.django_db(transaction=True)
