@@ -51,8 +51,16 @@ ensure_env_file() {
   fi
 }
 
-# ensure_vendor: the console's front-end library (uPlot), fetched from the npm registry and integrity-checked by
-# scripts/fetch_vendor.py into a gitignored folder; a no-op when the pinned files are already in place.
+# ensure_vendor [optional]: the console's front-end library (uPlot), fetched from the npm registry and
+# integrity-checked by scripts/fetch_vendor.py into a gitignored folder; a no-op when the pinned files are already in
+# place. With "optional", a failed fetch only warns: the console then runs without its charts.
 ensure_vendor() {
-  .venv/bin/python scripts/fetch_vendor.py
+  if .venv/bin/python scripts/fetch_vendor.py; then
+    return 0
+  fi
+  if [ "${1:-}" = optional ]; then
+    echo "warning: the console shows no charts until 'python scripts/fetch_vendor.py' succeeds" >&2
+    return 0
+  fi
+  return 1
 }

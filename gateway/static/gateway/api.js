@@ -3,7 +3,7 @@
 
 const RETRIES = 4;
 
-export class SignedOut extends Error {
+class SignedOut extends Error {
   constructor() {
     super("signed out");
     this.name = "SignedOut";
@@ -20,7 +20,7 @@ export class ApiError extends Error {
 }
 
 /** A URL with the non-empty values of `params` as its query string. */
-export function withQuery(path, params) {
+function withQuery(path, params) {
   const query = new URLSearchParams();
   for (const [key, value] of Object.entries(params)) {
     if (value !== undefined && value !== null && value !== "" && value !== false) query.set(key, String(value));

@@ -21,7 +21,7 @@ const SLIDE_INTERVAL_MS = 1_000;
 const GAP_FACTOR = 2.5; // two bucketed points further apart than this many buckets are not joined by a line
 
 /** The uPlot constructor, or null when the library is not installed (the page then says so). */
-export async function loadUplot(moduleUrl, cssUrl) {
+async function loadUplot(moduleUrl, cssUrl) {
   if (!moduleUrl) return null;
   try {
     const module = await import(moduleUrl);

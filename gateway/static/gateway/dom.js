@@ -35,7 +35,7 @@ export function plural(n, word, words = `${word}s`) {
   return `${formatCount(n)} ${n === 1 ? word : words}`;
 }
 
-export function relativeTime(ts, now = Date.now() / 1000) {
+function relativeTime(ts, now = Date.now() / 1000) {
   if (typeof ts !== "number") return "never";
   const age = Math.max(0, now - ts);
   if (age < 5) return "just now";

@@ -2,7 +2,7 @@
 
 import { compareText } from "./dom.js";
 
-export const ALERT_SEVERITIES = ["warning", "critical"];
+const ALERT_SEVERITIES = ["warning", "critical"];
 
 /** Whether an event frame raises an alert (a warning or critical device event). */
 export function isAlert(frame) {
