@@ -300,13 +300,13 @@ def test_acknowledgements_say_who_and_when(django_user_model):
 
 
 def test_device_facets_list_kinds_and_fleets_of_visible_devices_only(django_user_model):
-    Device.objects.bulk_create(
+    a, b, c, _ = Device.objects.bulk_create(
         [Device(id="a", kind="pump"), Device(id="b", kind="valve"), Device(id="c", kind="pump"), Device(id="d")]
     )
     north, south = Fleet.objects.create(name="north"), Fleet.objects.create(name="south")
     Fleet.objects.create(name="empty")
-    north.devices.add("a", "b")
-    south.devices.add("c")
+    north.devices.add(a, b)
+    south.devices.add(c)
     everything = selectors.device_facets(access=access_for(django_user_model.objects.create_superuser("root")))
     assert everything == selectors.DeviceFacets(kinds=["pump", "valve"], fleets=["north", "south"])
     user = django_user_model.objects.create_user("viewer")

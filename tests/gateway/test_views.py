@@ -90,9 +90,9 @@ def test_management_commands(capsys, operator):
 def test_the_fleet_page_offers_the_visible_kinds_and_fleets_as_filters(client, operator):
     from devices.models import Fleet
 
-    Device.objects.create(id="p-1", kind="pump")
+    pump = Device.objects.create(id="p-1", kind="pump")
     Device.objects.create(id="v-1", kind="valve")
-    Fleet.objects.create(name="north").devices.add("p-1")
+    Fleet.objects.create(name="north").devices.add(pump)
     response = client.get("/")
     assert response.status_code == 200 and response.context["kinds"] == ["pump", "valve"]
     assert response.context["fleets"] == ["north"]
