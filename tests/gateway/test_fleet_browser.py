@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.gateway.browser import (
+    ARTIFACTS,
     BROWSER_MARKS,
     Gateway,
     observation,
@@ -214,6 +215,18 @@ def test_fleet_page_with_5000_devices_stays_responsive_under_load(many_devices, 
         expect(page.locator("#page-info")).to_have_text(f"1{DASH}10 of 10")
         screenshot(page, "fleet-5000.png")
 
+        record = {
+            "devices": many_devices,
+            "published_per_second": round(sent_per_second),
+            "events_reaching_the_page_per_second": round(events_per_second),
+            "first_render_ms": round(first_render),
+            "renders_per_second": round(figures["renders"] / figures["seconds"], 1),
+            "rows_in_dom": figures["rows"],
+            "max_main_thread_lag_ms": round(figures["maxLag"]),
+            "max_typing_delay_ms": round(max(delays)),
+        }
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "fleet-5000.json").write_text(json.dumps(record, indent=2) + "\n")
         print(
             "\nfleet page, 5,000 devices, load"
             f" {sent_per_second:.0f} msg/s published, {events_per_second:.0f} events/s reached the page:"
