@@ -96,7 +96,9 @@ def test_a_first_install_stops_at_the_missing_credentials(first):
     assert first.secret_key_mode == 0o400
     assert mode(install.confdir / "credentials") == 0o700
     assert mode(install.confdir / "gateway.env") == 0o640
-    assert (install.confdir / "gateway.env").read_text() == (DEPLOY / "gateway.env.example").read_text()
+    assert (install.confdir / "gateway.env").read_text() == (
+        install.prefix / "app/deploy/gateway.env.example"
+    ).read_text()
 
 
 def test_with_the_credentials_it_installs_everything(first):
