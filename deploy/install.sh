@@ -85,7 +85,7 @@ render() {
   tmp=$(mktemp)
   sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VENV@|$VENV|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@USER@|$SERVICE_USER|g" \
     "$1" >"$tmp"
-  if grep -n '@[A-Z_]*@' "$tmp" >&2; then
+  if grep -nE '@[A-Z_]+@' "$tmp" >&2; then
     rm -f "$tmp"
     die "$1: placeholder left unfilled (above)"
   fi
