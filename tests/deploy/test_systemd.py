@@ -105,3 +105,12 @@ def test_the_sandbox_the_other_tests_use_is_the_units_own(units):
 def test_instances_belong_to_the_target(units, name):
     text = units.path(name).read_text()
     assert "PartOf=gateway.target" in text and "WantedBy=gateway.target" in text
+
+
+def test_the_retire_unit_resumes_the_bridges_own_session(units):
+    def client_id(name: str) -> str:
+        found = re.search(r"GATEWAY_MQTT_CLIENT_ID=(\S+)", units.path(name).read_text())
+        assert found, name
+        return found[1]
+
+    assert client_id("gateway-bridge-retire@.service") == client_id("gateway-bridge@.service") == "gateway-bridge-%H-%i"
