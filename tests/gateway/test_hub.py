@@ -47,7 +47,8 @@ HISTORY = FakeHistory()
 
 @pytest.fixture
 async def hub():
-    HISTORY.__init__()
+    global HISTORY
+    HISTORY = FakeHistory()  # what batch() commits to, and what the hub reads back
     hub = Hub(layer=None, history=HISTORY)
     yield hub
     await hub.stop()

@@ -76,6 +76,7 @@ def test_ready_status_watchdog_metrics_and_a_clean_stop(notify):
     try:
         ready = notify.wait_for("READY=1")
         assert f"STATUS=connected to mqtt://{host}:{port}; records presence" in ready.splitlines(), ready
+        assert bridge.process is not None
         assert f"MAINPID={bridge.process.pid}" in ready.splitlines()
 
         # The keep-alive comes from the event loop every WATCHDOG_USEC / 2.

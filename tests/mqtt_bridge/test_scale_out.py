@@ -181,11 +181,12 @@ async def test_retire_stores_what_was_queued_for_a_stopped_member_and_ends_its_s
             GATEWAY_MQTT_SESSION_EXPIRY="120",
         )
         retire = GatewayProcess(manage("runbridge", "--retire", "--idle", "1"), env, name="retire").start()
+        assert retire.process is not None
         assert await asyncio.to_thread(retire.process.wait, 30) == 0, retire.log()
         assert f"stored {stranded} queued message(s)" in retire.log(), retire.log()
 
         stored = await sync_to_async(
-            lambda: sorted(Event.objects.filter(kind="telemetry").values_list("seq", flat=True))
+            lambda: sorted(seq or 0 for seq in Event.objects.filter(kind="telemetry").values_list("seq", flat=True))
         )()
         assert stored == list(range(1, count + 1))  # everything, once
         assert not await asyncio.to_thread(session_present, port, leaving.settings.name)
