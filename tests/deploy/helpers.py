@@ -4,6 +4,7 @@ the units' commands run under their system-call sandbox."""
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,16 +47,16 @@ class Units:
     def sandbox_files(self, template: str) -> list[Path]:
         return [self.path(template), self.path(COMMON_DROPIN)]
 
-    def exec_start(self, template: str, instance: str) -> list[str]:
-        """The unit's ``ExecStart=`` as an argument list, ``%i`` filled in (continuation lines joined)."""
+    def command(self, template: str, instance: str, key: str = "ExecStart") -> list[str]:
+        """One of the unit's commands (``ExecStart=``, ``ExecStartPost=``) as an argument list, ``%i`` filled in."""
         text = re.sub(r"\\\n\s*", " ", self.path(template).read_text())
-        line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-        return line.removeprefix("ExecStart=").replace("%i", instance).split()
+        line = next(line for line in text.splitlines() if line.startswith(f"{key}="))
+        return shlex.split(line.removeprefix(f"{key}=").replace("%i", instance))
 
-    def sandboxed(self, template: str, instance: str) -> list[str]:
-        """The instance's command, run under the unit's system-call sandbox (tests/deploy/sandbox.py)."""
+    def sandboxed(self, template: str, instance: str, key: str = "ExecStart") -> list[str]:
+        """That command run under the unit's system-call sandbox (tests/deploy/sandbox.py)."""
         files = [str(path) for path in self.sandbox_files(template)]
-        return [sys.executable, str(SANDBOX), *files, "--", *self.exec_start(template, instance)]
+        return [sys.executable, str(SANDBOX), *files, "--", *self.command(template, instance, key)]
 
 
 def render_units(directory: Path, *, user: str = "iot-gateway") -> Units:

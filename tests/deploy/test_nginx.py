@@ -110,6 +110,12 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_the_web_units_start_check_sees_the_instance_listening(site, units):
+    """ExecStartPost= (what makes a restart wait until Daphne listens) works under the unit's sandbox."""
+    check = units.sandboxed("gateway-web@.service", str(site.web_port), key="ExecStartPost")
+    assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0
+
+
 def test_https_reaches_daphne_even_with_one_instance_down(site):
     for _ in range(6):  # least_conn alternates; the instance that is down is skipped, never answered with a 502
         response = site.request("GET", "/healthz")

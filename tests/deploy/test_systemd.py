@@ -62,7 +62,7 @@ def test_units_expose_little(units, capsys):
 
 
 def test_the_web_units_daphne_limits_are_four_times_the_frame_limit(units):
-    command = units.exec_start("gateway-web@.service", "8001")
+    command = units.command("gateway-web@.service", "8001")
     limit = str(4 * settings.GATEWAY["WS_MAX_FRAME"])
     for flag in ("--websocket-max-message-size", "--websocket-max-frame-size"):
         assert command[command.index(flag) + 1] == limit, command
