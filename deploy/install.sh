@@ -185,6 +185,11 @@ manage() {
 collect_static() {
   echo "static files: $PREFIX/static"
   install -d -m 0755 "$PREFIX/static"
+  # The console's chart library (uPlot) is fetched from the npm registry at its pinned version and hash, never
+  # shipped in the repository; without it the console works without charts.
+  if ! "$VENV/bin/python" "$PREFIX/app/scripts/fetch_vendor.py"; then
+    echo "warning: the chart library could not be fetched: the console will show no charts" >&2
+  fi
   manage collectstatic --noinput --verbosity 0
 }
 
