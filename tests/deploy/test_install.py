@@ -106,6 +106,7 @@ def test_with_the_credentials_it_installs_everything(first):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (install.prefix / "app/REVISION").read_text().strip() == install.revision
     assert (install.prefix / "static/gateway/console.css").is_file()
+    assert (install.prefix / "static/gateway/vendor/uplot/uPlot.esm.js").is_file()  # fetched, hash-checked
     assert (install.prefix / "static/admin/css/base.css").is_file()
     assert mode(install.secret("MQTT_URL")) == 0o400, "tightened"
     with sqlite3.connect(install.root / "db.sqlite3") as db:
