@@ -45,6 +45,9 @@ class Event(models.Model):
             models.Index(fields=["device", "id"], name="event_device_id"),
             models.Index(fields=["device", "ts"], name="event_device_ts"),
             models.Index(fields=["ts"], name="event_ts"),
+            # Alerts (devices/alerts.py) are recent events of kind "event": a small partial index finds them
+            # without scanning the last hour's telemetry, and costs nothing when telemetry is stored.
+            models.Index(fields=["ts"], condition=Q(kind="event"), name="event_alert_ts"),
         ]
         constraints = [
             models.UniqueConstraint(
