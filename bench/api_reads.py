@@ -143,8 +143,8 @@ def build_devices(count: int) -> None:
     )
     ids = [f"dev-{n:05d}" for n in range(count)]
     north, south = Fleet.objects.create(name="north"), Fleet.objects.create(name="south")
-    north.devices.add(*ids[: count // 2])
-    south.devices.add(*ids[count // 2 :])
+    north.devices.add(*Device.objects.filter(id__in=ids[: count // 2]))
+    south.devices.add(*Device.objects.filter(id__in=ids[count // 2 :]))
     batch = []
     for minute in range(60):
         for device_id in ids:

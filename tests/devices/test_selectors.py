@@ -1,4 +1,5 @@
 import time
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,10 @@ def test_events_purged_by_retention_are_reported_as_a_gap():
 # --- The HTTP API's reads: telemetry downsampling ------------------------------------------------------------------
 
 
-def telemetry_at(device: str, points: list[tuple[float, dict]]) -> None:
+Points = list[tuple[float, dict[str, Any]]]
+
+
+def telemetry_at(device: str, points: Points) -> None:
     """Store telemetry received at exactly the given times (unix seconds)."""
     observations = [
         Observation(device_id=device, kind=EventKind.TELEMETRY, received_at=ts, body={"values": values})
@@ -97,7 +101,7 @@ def telemetry_at(device: str, points: list[tuple[float, dict]]) -> None:
 
 # Range [1000, 2000] in 4 buckets of 250 s: two points in the first, two in the second, none in the third, two in
 # the last (2000 itself, the end, falls in the last bucket); 999 and 2001 are outside the range.
-POINTS = [
+POINTS: Points = [
     (999.0, {"t": 100}),
     (1000.0, {"t": 1}),
     (1100.0, {"t": 3.0}),
@@ -135,7 +139,8 @@ def test_telemetry_with_at_most_as_many_points_as_buckets_comes_back_raw():
 
 
 def test_telemetry_skips_values_that_are_not_numbers():
-    telemetry_at("a", [*POINTS, (1010.0, {"t": True}), (1020.0, {"t": "hot"}), (1030.0, {"t": None}), (1040.0, {})])
+    odd: Points = [(1010.0, {"t": True}), (1020.0, {"t": "hot"}), (1030.0, {"t": None}), (1040.0, {})]
+    telemetry_at("a", POINTS + odd)
     [bucketed] = selectors.telemetry_series(device_id="a", metrics=["t"], start=1000, end=2000, buckets=4).values()
     assert bucketed.count == [2, 2, 2] and bucketed.min == [1, 10, 5] and bucketed.max == [3, 20, 7]
     [raw] = selectors.telemetry_series(device_id="a", metrics=["t"], start=1000, end=1100, buckets=10).values()
@@ -143,7 +148,8 @@ def test_telemetry_skips_values_that_are_not_numbers():
 
 
 def test_telemetry_of_several_metrics_each_decides_raw_or_bucketed():
-    telemetry_at("a", [*POINTS, (1300.0, {"rare": 4.5, "gps.lat": 1.5, "1": 2}), (1900.0, {"gps.lat": 2.5})])
+    more: Points = [(1300.0, {"rare": 4.5, "gps.lat": 1.5, "1": 2}), (1900.0, {"gps.lat": 2.5})]
+    telemetry_at("a", POINTS + more)
     found = selectors.telemetry_series(
         device_id="a", metrics=["t", "rare", "gps.lat", "1", "missing"], start=1000, end=2000, buckets=4
     )

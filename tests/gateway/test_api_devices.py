@@ -50,13 +50,14 @@ def test_the_list_shows_every_field_of_a_device(api, fleet):
 
     body = api.get("/api/devices").json()
 
-    device = Device.objects.get(id="c-3")
+    last_seen = Device.objects.get(id="c-3").last_seen
+    assert last_seen is not None
     assert body["devices"][2] == {
         "id": "c-3",
         "name": "cellar boiler",
         "kind": "sensor",
         "online": True,
-        "last_seen": device.last_seen.timestamp(),
+        "last_seen": last_seen.timestamp(),
         "status_changed_at": None,
         "latest": {"temp": 21.5, "fw": "2.1"},
         "latest_ts": 1_767_225_600.5,
@@ -183,7 +184,7 @@ def test_one_device_with_its_events_and_commands(api, fleet):
             api.post("/api/commands", {"device": "c-3", "name": name}, content_type="application/json").status_code
             == 201
         )
-    newest = Command.objects.filter(device_id="c-3").order_by("-created_at").first()
+    newest = Command.objects.filter(device_id="c-3").order_by("-created_at")[0]
 
     response = api.get("/api/devices/c-3")
 
@@ -328,3 +329,15 @@ def test_a_wrong_method_gets_a_json_405_with_allow(api, fleet):
 
 def test_api_answers_are_not_cached(api, fleet):
     assert "no-cache" in api.get("/api/devices")["Cache-Control"]
+
+
+def test_deleting_a_device_does_not_load_its_history(api, django_assert_max_num_queries):
+    Device.objects.create(id="big")
+    Event.objects.bulk_create([Event(device_id="big", kind="telemetry", ts=n, body={"values": {}}) for n in range(500)])
+    with django_assert_max_num_queries(15) as captured:
+        assert api.delete("/api/devices/big").status_code == 204
+    assert not Event.objects.exists()
+    reads = [
+        q["sql"] for q in captured.captured_queries if q["sql"].startswith("SELECT") and "devices_event" in q["sql"]
+    ]
+    assert reads == []  # one DELETE ... WHERE device_id, not a SELECT of every event first

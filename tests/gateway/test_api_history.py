@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -28,7 +29,7 @@ def last_id() -> int:
 @pytest.fixture
 def history():
     """Range [1000, 2000]: ``t`` has 6 numbers inside (and 2 outside), ``s`` only strings, ``b`` only booleans."""
-    for ts, values in [
+    points: list[tuple[float, dict[str, Any]]] = [
         (999.0, {"t": 100}),
         (1000.0, {"t": 1, "s": "a", "b": True}),
         (1100.0, {"t": 3}),
@@ -37,7 +38,8 @@ def history():
         (1750.0, {"t": 5}),
         (2000.0, {"t": 7, "s": "b", "b": False}),
         (2001.0, {"t": -100}),
-    ]:
+    ]
+    for ts, values in points:
         telemetry("a", values, at=ts)
 
 
