@@ -208,5 +208,5 @@ def acknowledge_devices(request: HttpRequest, body: schemas.AlertsAckRequest) ->
     access = access_for(user)
     now = time.time()
     count = services.acknowledge_alerts(user=user, access=access, device_ids=body.devices, event_ids=None, now=now)
-    summaries = [selectors.device_summary(access=access, device_id=device_id, now=now) for device_id in body.devices]
-    return {"acknowledged": count, "devices": [device_json(s) for s in summaries if s is not None]}
+    summaries = selectors.device_summaries(access=access, device_ids=body.devices, now=now)
+    return {"acknowledged": count, "devices": [device_json(summary) for summary in summaries]}

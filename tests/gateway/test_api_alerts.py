@@ -121,6 +121,15 @@ def test_acknowledging_several_devices_at_once(api):
     assert counts(api)["alerting"] == 1
 
 
+def test_acknowledging_many_devices_takes_a_bounded_number_of_queries(api, django_assert_max_num_queries):
+    devices = [f"d-{n}" for n in range(40)]
+    for device in devices:
+        alert(device)
+    with django_assert_max_num_queries(15):
+        response = api.post("/api/alerts/ack", {"devices": devices}, content_type="application/json")
+    assert response.json()["acknowledged"] == 40 and len(response.json()["devices"]) == 40
+
+
 def test_several_devices_are_all_or_nothing(client, django_user_model):
     for device in ("mine", "seen"):
         alert(device)
