@@ -196,6 +196,10 @@ class DeviceFilters:
     q: str | None = None
     alerting: bool | None = None
 
+    @property
+    def empty(self) -> bool:
+        return self.online is None and self.alerting is None and not (self.kind or self.fleet or self.q)
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceSummary:
@@ -240,9 +244,23 @@ def device_page(
     tally = visible.aggregate(all=Count("id"), online=Count("id", filter=Q(online=True)))
     counts = DeviceCounts(online=tally["online"], offline=tally["all"] - tally["online"], alerting=len(alerts))
     matching = _filtered(visible, filters, alerting=alerts.keys())
-    rows = matching.order_by(*DEVICE_SORTS[sort]).prefetch_related("fleets")[offset : offset + limit]
+    rows = list(matching.order_by(*DEVICE_SORTS[sort]).prefetch_related("fleets")[offset : offset + limit])
     summaries = [_summary(device, alerts.get(device.id, 0)) for device in rows]
-    return DevicePage(devices=summaries, total=matching.count(), counts=counts)
+    return DevicePage(
+        devices=summaries, total=_total(matching, filters, rows, offset, limit, tally["all"]), counts=counts
+    )
+
+
+def _total(
+    matching: QuerySet[Device], filters: DeviceFilters, rows: list[Device], offset: int, limit: int, visible: int
+) -> int:
+    """How many devices match, without a COUNT when the page or the filters already say it (each query with a
+    user's granted ids costs Django ~10 ms to compile at 5,000 devices)."""
+    if filters.empty:
+        return visible
+    if len(rows) < limit and (rows or offset == 0):
+        return offset + len(rows)  # the last page
+    return matching.count()
 
 
 def _filtered(devices: QuerySet[Device], filters: DeviceFilters, *, alerting: Collection[str]) -> QuerySet[Device]:

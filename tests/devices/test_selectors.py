@@ -232,6 +232,11 @@ def test_a_device_page_filters_sorts_pages_and_counts(django_user_model):
     assert ids(sort="-name") == (["c-3", "b-1", "a-2"], 3)
     assert ids(sort="-id", offset=1, limit=1) == (["b-1"], 3)
     assert ids(kind="heater", online=False) == ([], 0)
+    # total without a page's worth of devices: counted, from the page, or from the counts
+    assert ids(kind="sensor", limit=1) == (["a-2"], 2)
+    assert ids(kind="sensor", offset=1, limit=1) == (["c-3"], 2)
+    assert ids(kind="sensor", offset=5) == ([], 2)
+    assert ids(offset=5) == ([], 3)
 
 
 def test_a_device_page_shows_fleets_and_alerts_of_each_device(django_user_model):
