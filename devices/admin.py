@@ -3,7 +3,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from devices import services
-from devices.models import ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet, FleetAccess
+from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet, FleetAccess
 
 
 @admin.register(Device)
@@ -73,3 +73,16 @@ class CommandAdmin(admin.ModelAdmin[Command]):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # commands are sent from the console, WebSocket or API, which validate and publish them
+
+
+@admin.register(Acknowledgement)
+class AcknowledgementAdmin(admin.ModelAdmin[Acknowledgement]):
+    """Who acknowledged which alert, and when (acknowledged from the console or ``POST /api/alerts/ack``)."""
+
+    list_display = ["event_id", "device", "acknowledged_by", "acknowledged_at"]
+    search_fields = ["device__id", "acknowledged_by__username"]
+    raw_id_fields = ["device", "acknowledged_by"]
+    readonly_fields = [f.name for f in Acknowledgement._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # acknowledged from the console or the API, which check the operator's permission

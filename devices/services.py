@@ -175,7 +175,8 @@ def _apply(device: Device, obs: Observation) -> bool:
 
 
 def purge_history(*, older_than: float) -> int:
-    """Delete events received before ``older_than`` (unix seconds), in chunks; returns how many."""
+    """Delete events received before ``older_than`` (unix seconds), in chunks, and the acknowledgements of those
+    events; returns how many events."""
     total = 0
     while True:
         with transaction.atomic():
@@ -183,6 +184,7 @@ def purge_history(*, older_than: float) -> int:
                 Event.objects.filter(ts__lt=older_than).order_by("id").values_list("id", flat=True)[:_PURGE_CHUNK]
             )
             if not ids:
+                Acknowledgement.objects.filter(event_ts__lt=older_than).delete()
                 return total
             Event.objects.filter(id__in=ids).delete()
         total += len(ids)

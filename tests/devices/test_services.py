@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from devices import selectors, services
-from devices.models import Device, Event, Lease
+from devices.models import Acknowledgement, Device, Event, Lease
 from devices.records import EventKind, Observation, Rejection
 
 pytestmark = pytest.mark.django_db
@@ -86,6 +86,17 @@ def test_purge_removes_only_old_events():
     ingest(old, telemetry("a", t=2))
     assert services.purge_history(older_than=time.time() - 30 * 86400) == 1
     assert Event.objects.count() == 1
+
+
+def test_purge_removes_the_acknowledgements_of_purged_events():
+    now = time.time()
+    for ts in (now - 40 * 86400, now):
+        ingest(Observation(device_id="a", kind=EventKind.EVENT, received_at=ts, body={"severity": "warning"}))
+    old_id, new_id = Event.objects.order_by("id").values_list("id", flat=True)
+    for event_id, ts in ((old_id, now - 40 * 86400), (new_id, now)):
+        Acknowledgement.objects.create(event_id=event_id, device_id="a", event_ts=ts, acknowledged_at=timezone.now())
+    services.purge_history(older_than=now - 30 * 86400)
+    assert list(Acknowledgement.objects.values_list("event_id", flat=True)) == [new_id]
 
 
 def test_deleting_a_device_deletes_its_history():
