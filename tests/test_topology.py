@@ -14,40 +14,34 @@ import itertools
 import json
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client.parser import text_string_to_metric_families
-from psycopg import sql
 from websockets.sync.client import ClientConnection, connect
 
 from mqtt_bridge.simulator import SimulatedDevice, SimulatorConfig
 from mqtt_bridge.topics import Channel, Topics
+from tests.faults.harness import bridge_metric, fresh_postgres_database, operator_token
 from tests.support import (
     MQTT_HOST,
     MQTT_PORT,
-    ROOT,
     GatewayProcess,
     free_port,
     gateway_env,
     http_ok,
     manage,
     require_mosquitto,
-    require_postgres,
     require_redis,
     wait_for,
 )
@@ -76,31 +70,8 @@ def redis_url() -> str:
 
 @pytest.fixture
 def topology_database() -> Iterator[str]:
-    """A fresh PostgreSQL database (whatever the suite's own database is), migrated; its DATABASE_URL."""
-    server = require_postgres()
-    name = f"gateway_topology_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, dbname="postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlsplit(server)._replace(path=f"/{name}").geturl()
-    try:
-        run_manage(url, "migrate", "--noinput", "-v", "0")
+    with fresh_postgres_database() as url:
         yield url
-    finally:
-        with psycopg.connect(server, dbname="postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def run_manage(database_url: str, *args: str) -> str:
-    done = subprocess.run(
-        manage(*args), cwd=ROOT, env=gateway_env(DATABASE_URL=database_url), capture_output=True, timeout=120
-    )
-    assert done.returncode == 0, f"manage.py {' '.join(args)} failed:\n{done.stdout.decode()}{done.stderr.decode()}"
-    return done.stdout.decode()
-
-
-def operator_token(database_url: str) -> str:
-    run_manage(database_url, "create_operator", "--username", "topology")
-    return run_manage(database_url, "issue_token", "topology").strip().splitlines()[-1]
 
 
 def stored_event_ids(database_url: str) -> set[int]:
@@ -205,20 +176,6 @@ class Topology:
 
     def logs(self) -> str:
         return "\n".join(f"--- {process.name} {process.args[-1]}\n{process.log()}" for process in self.processes)
-
-
-def bridge_metric(port: int, name: str, **labels: str) -> float | None:
-    """One sample of a bridge's Prometheus metrics (GATEWAY_METRICS_BIND); None when not served (yet)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()):
-                return float(sample.value)
-    return None
 
 
 # --- the devices ------------------------------------------------------------------------------------------------
