@@ -23,7 +23,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
-from tests.support import ROOT, GatewayProcess, free_port, gateway_env, manage, wait_for
+from tests.support import ROOT, GatewayProcess, free_port, gateway_env, manage, require_postgres, wait_for
 
 # --- databases ----------------------------------------------------------------------------------------------------
 
@@ -43,6 +43,13 @@ def fresh_database(server_url: str, prefix: str = "gateway_topology") -> Iterato
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A fresh, migrated database on the machine's PostgreSQL (whatever the suite's own database is)."""
+    with fresh_database(require_postgres()) as url:
+        yield url
+
+
 def run_manage(database_url: str, *args: str) -> str:
     done = subprocess.run(
         manage(*args), cwd=ROOT, env=gateway_env(DATABASE_URL=database_url), capture_output=True, timeout=120
@@ -54,11 +61,6 @@ def run_manage(database_url: str, *args: str) -> str:
 def operator_token(database_url: str, username: str = "topology") -> str:
     run_manage(database_url, "create_operator", "--username", username)
     return run_manage(database_url, "issue_token", username).strip().splitlines()[-1]
-
-
-def stored_event_ids(database_url: str) -> set[int]:
-    with psycopg.connect(database_url) as conn:
-        return {row[0] for row in conn.execute("SELECT id FROM devices_event")}
 
 
 # --- what a user sees ---------------------------------------------------------------------------------------------
