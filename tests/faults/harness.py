@@ -63,6 +63,11 @@ def operator_token(database_url: str, username: str = "topology") -> str:
     return run_manage(database_url, "issue_token", username).strip().splitlines()[-1]
 
 
+def stored_event_ids(database_url: str) -> set[int]:
+    with psycopg.connect(database_url) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM devices_event")}
+
+
 # --- what a user sees ---------------------------------------------------------------------------------------------
 
 
