@@ -32,7 +32,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from mqtt_bridge.simulator import SimulatedDevice, SimulatorConfig
 from mqtt_bridge.topics import Channel, Topics
-from tests.faults.harness import bridge_metric, fresh_postgres_database, operator_token
+from tests.faults.harness import bridge_metric, fresh_database, operator_token, stored_event_ids
 from tests.support import (
     MQTT_HOST,
     MQTT_PORT,
@@ -42,6 +42,7 @@ from tests.support import (
     http_ok,
     manage,
     require_mosquitto,
+    require_postgres,
     require_redis,
     wait_for,
 )
@@ -70,13 +71,9 @@ def redis_url() -> str:
 
 @pytest.fixture
 def topology_database() -> Iterator[str]:
-    with fresh_postgres_database() as url:
+    """A fresh PostgreSQL database (whatever the suite's own database is), migrated; its DATABASE_URL."""
+    with fresh_database(require_postgres()) as url:
         yield url
-
-
-def stored_event_ids(database_url: str) -> set[int]:
-    with psycopg.connect(database_url) as conn:
-        return {row[0] for row in conn.execute("SELECT id FROM devices_event")}
 
 
 @contextlib.contextmanager
