@@ -10,7 +10,6 @@ seen on Daphne B.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import random
 import signal
@@ -18,21 +17,25 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
-from websockets.sync.client import ClientConnection, connect
 
 from mqtt_bridge.simulator import SimulatedDevice, SimulatorConfig
 from mqtt_bridge.topics import Channel, Topics
-from tests.faults.harness import bridge_metric, fresh_database, operator_token, stored_event_ids
+from tests.faults.harness import (
+    bridge_metric,
+    descents,
+    fresh_database,
+    operator_token,
+    stored_event_ids,
+    watching,
+)
 from tests.support import (
     MQTT_HOST,
     MQTT_PORT,
@@ -256,104 +259,6 @@ def clear_retained(topic: str) -> None:
 # --- the WebSocket clients --------------------------------------------------------------------------------------
 
 
-class Watcher(threading.Thread):
-    """A token client subscribed to every device, recording every event frame it receives (and when)."""
-
-    def __init__(self, port: int, token: str) -> None:
-        super().__init__(name=f"ws-{port}", daemon=True)
-        self.ws: ClientConnection = connect(f"ws://127.0.0.1:{port}/ws/?token={token}", max_size=2**24)
-        assert json.loads(self.ws.recv(timeout=10))["type"] == "hello"
-        self.ws.send(json.dumps({"op": "subscribe", "devices": "*"}))
-        assert json.loads(self.ws.recv(timeout=10)) == {"type": "subscribed", "devices": "*"}
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self.ids: list[int] = []
-        self.telemetry: Counter[tuple[str, int]] = Counter()
-        self.commands: list[tuple[float, dict[str, Any]]] = []
-        self.online: set[str] = set()
-        self.other: list[dict[str, Any]] = []  # frames that are not events: gap, error
-        self.complete_at = 0.0  # when the last of the TOTAL telemetry messages arrived
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self._closing.is_set():
-                with contextlib.suppress(TimeoutError):
-                    frame = json.loads(self.ws.recv(timeout=0.2))
-                    with self._lock:
-                        for event in frame["events"] if frame["type"] == "batch" else [frame]:
-                            self._record(event)
-        except BaseException as exc:
-            if not self._closing.is_set():
-                self.error = exc
-
-    def _record(self, event: dict[str, Any]) -> None:
-        if "id" not in event:
-            self.other.append(event)
-            return
-        self.ids.append(event["id"])
-        if event["type"] == "telemetry":
-            self.telemetry[(event["device"], int(event["values"]["v"]))] += 1  # frames carry no seq: v repeats it
-            if len(self.telemetry) == TOTAL and not self.complete_at:
-                self.complete_at = time.monotonic()
-        elif event["type"] == "command":
-            self.commands.append((time.monotonic(), event))
-        elif event["type"] == "status" and event["online"]:
-            self.online.add(event["device"])
-
-    def received_ids(self) -> list[int]:
-        with self._lock:
-            return list(self.ids)
-
-    def command_states(self, command_id: str) -> list[tuple[str, float]]:
-        """The command's states in id order (the order clients apply them in), each with when it arrived."""
-        with self._lock:
-            frames = sorted((e["id"], e["state"], at) for at, e in self.commands if e["command_id"] == command_id)
-        return [(state, at) for _, state, at in frames]
-
-    def state_of(self, command_id: str) -> str | None:
-        states = self.command_states(command_id)
-        return states[-1][0] if states else None
-
-    def first_command_id(self) -> str | None:
-        with self._lock:
-            return self.commands[0][1]["command_id"] if self.commands else None
-
-    def check(self, name: str, device_ids: list[str]) -> None:
-        """Every (device, seq) exactly once, no duplicate id, no gap or error frame."""
-        assert self.error is None, f"client {name} failed: {self.error!r}"
-        assert self.other == [], f"client {name} got gap or error frames: {self.other[:5]}"
-        ids = self.received_ids()
-        assert len(ids) == len(set(ids)), f"client {name} got duplicate ids: {duplicates(ids)}"
-        expected = {(device_id, seq) for device_id in device_ids for seq in range(1, PER_DEVICE + 1)}
-        assert set(self.telemetry) == expected, f"client {name}: {len(expected - set(self.telemetry))} missing"
-        assert max(self.telemetry.values()) == 1, f"client {name}: a (device, seq) twice"
-
-    def close(self) -> None:
-        self._closing.set()
-        self.ws.close()
-        self.join(5)
-
-
-@contextlib.contextmanager
-def watching(port: int, token: str) -> Iterator[Watcher]:
-    watcher = Watcher(port, token)
-    watcher.start()
-    try:
-        yield watcher
-    finally:
-        watcher.close()
-
-
-def duplicates(ids: list[int]) -> list[int]:
-    return sorted(id_ for id_, count in Counter(ids).items() if count > 1)[:10]
-
-
-def descents(ids: list[int]) -> int:
-    """How often an id arrived at or below the one before it."""
-    return sum(1 for before, after in itertools.pairwise(ids) if after <= before)
-
-
 # --- the test ---------------------------------------------------------------------------------------------------
 
 
@@ -368,7 +273,7 @@ def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(r
         topology.start()
         token = operator_token(topology_database)
         topology.wait_ready()
-        a, b = (stack.enter_context(watching(port, token)) for port in topology.web_ports)
+        a, b = (stack.enter_context(watching(port, token, TOTAL)) for port in topology.web_ports)
         device = stack.enter_context(command_device(topology.prefix, commanded))
         wait_for(lambda: commanded in a.online, timeout=10, what=f"{commanded} online on Daphne A")
         watch = stack.enter_context(watching_id_order(topology_database))
@@ -398,8 +303,9 @@ def test_two_daphnes_and_two_bridges_deliver_every_message_once_to_each_client(r
             bridge_metric(port, "gateway_events_stored_total", kind="telemetry") for port in topology.metrics_ports
         ]
 
-        a.check("A", device_ids)
-        b.check("B", device_ids)
+        expected = {(device_id, seq) for device_id in device_ids for seq in range(1, PER_DEVICE + 1)}
+        a.check("A", expected)
+        b.check("B", expected)
         states = b.command_states(command_id)
         assert [state for state, _ in states] == COMMAND_STATES, f"command states seen on B: {states}"
         assert (device.replied, device.ignored) == (1, 0), "exactly one publish of the command reaches the device"

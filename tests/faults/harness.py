@@ -7,21 +7,27 @@ Not a test module: test modules import from here (and from ``tests.support``), n
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
+from websockets.sync.client import ClientConnection, connect
 
 from tests.support import ROOT, GatewayProcess, free_port, gateway_env, manage, require_postgres, wait_for
 
@@ -93,6 +99,110 @@ def rss_mb(process: GatewayProcess) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {process.name}")
+
+
+# --- a watching browser (WebSocket client) ---------------------------------------------------------------------
+
+
+class Watcher(threading.Thread):
+    """A token client subscribed to every device, recording every event frame it receives (and when).
+
+    Telemetry is keyed by (device, ``v``): frames carry no ``seq``, so publishers repeat it as the value ``v``.
+    ``complete_at`` is when the ``expect``-th distinct telemetry message arrived (0: not counted)."""
+
+    def __init__(self, port: int, token: str, expect: int = 0) -> None:
+        super().__init__(name=f"ws-{port}", daemon=True)
+        self.ws: ClientConnection = connect(f"ws://127.0.0.1:{port}/ws/?token={token}", max_size=2**24)
+        assert json.loads(self.ws.recv(timeout=10))["type"] == "hello"
+        self.ws.send(json.dumps({"op": "subscribe", "devices": "*"}))
+        assert json.loads(self.ws.recv(timeout=10)) == {"type": "subscribed", "devices": "*"}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.ids: list[int] = []
+        self.telemetry: Counter[tuple[str, int]] = Counter()
+        self.commands: list[tuple[float, dict[str, Any]]] = []
+        self.online: set[str] = set()
+        self.other: list[dict[str, Any]] = []  # frames that are not events: gap, error
+        self.expect = expect
+        self.complete_at = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._closing.is_set():
+                with contextlib.suppress(TimeoutError):
+                    frame = json.loads(self.ws.recv(timeout=0.2))
+                    with self._lock:
+                        for event in frame["events"] if frame["type"] == "batch" else [frame]:
+                            self._record(event)
+        except BaseException as exc:
+            if not self._closing.is_set():
+                self.error = exc
+
+    def _record(self, event: dict[str, Any]) -> None:
+        if "id" not in event:
+            self.other.append(event)
+            return
+        self.ids.append(event["id"])
+        if event["type"] == "telemetry":
+            self.telemetry[(event["device"], int(event["values"]["v"]))] += 1  # frames carry no seq: v repeats it
+            if len(self.telemetry) == self.expect and not self.complete_at:
+                self.complete_at = time.monotonic()
+        elif event["type"] == "command":
+            self.commands.append((time.monotonic(), event))
+        elif event["type"] == "status" and event["online"]:
+            self.online.add(event["device"])
+
+    def received_ids(self) -> list[int]:
+        with self._lock:
+            return list(self.ids)
+
+    def command_states(self, command_id: str) -> list[tuple[str, float]]:
+        """The command's states in id order (the order clients apply them in), each with when it arrived."""
+        with self._lock:
+            frames = sorted((e["id"], e["state"], at) for at, e in self.commands if e["command_id"] == command_id)
+        return [(state, at) for _, state, at in frames]
+
+    def state_of(self, command_id: str) -> str | None:
+        states = self.command_states(command_id)
+        return states[-1][0] if states else None
+
+    def first_command_id(self) -> str | None:
+        with self._lock:
+            return self.commands[0][1]["command_id"] if self.commands else None
+
+    def check(self, name: str, expected: set[tuple[str, int]]) -> None:
+        """Every expected (device, seq) exactly once and nothing else, no duplicate id, no gap or error frame."""
+        assert self.error is None, f"client {name} failed: {self.error!r}"
+        assert self.other == [], f"client {name} got gap or error frames: {self.other[:5]}"
+        ids = self.received_ids()
+        assert len(ids) == len(set(ids)), f"client {name} got duplicate ids: {duplicates(ids)}"
+        assert set(self.telemetry) == expected, f"client {name}: {len(expected - set(self.telemetry))} missing"
+        assert max(self.telemetry.values()) == 1, f"client {name}: a (device, seq) twice"
+
+    def close(self) -> None:
+        self._closing.set()
+        self.ws.close()
+        self.join(5)
+
+
+@contextlib.contextmanager
+def watching(port: int, token: str, expect: int = 0) -> Iterator[Watcher]:
+    watcher = Watcher(port, token, expect)
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.close()
+
+
+def duplicates(ids: list[int]) -> list[int]:
+    return sorted(id_ for id_, count in Counter(ids).items() if count > 1)[:10]
+
+
+def descents(ids: list[int]) -> int:
+    """How often an id arrived at or below the one before it."""
+    return sum(1 for before, after in itertools.pairwise(ids) if after <= before)
 
 
 # --- services of the test's own -----------------------------------------------------------------------------------
