@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -215,16 +216,26 @@ def running(process: GatewayProcess) -> Iterator[GatewayProcess]:
 
 @dataclass
 class PrivateMosquitto:
-    """A Mosquitto of the test's own on a free port (for tests that need its config or break it)."""
+    """A Mosquitto of the test's own on a free port (for tests that need its config or break it).
+
+    With ``persistence``, sessions, their queued messages and retained messages are saved in ``directory`` when it
+    stops, so they survive a ``stop()``/``start()`` (a broker restart); it then keeps the current user (as root,
+    Mosquitto would switch to its own user, which cannot write a test's directory)."""
 
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    persistence: bool = False
 
     def start(self) -> PrivateMosquitto:
         config = self.directory / "mosquitto.conf"
+        if self.persistence:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            persistence = f"persistence true\npersistence_location {self.directory}/\nuser {user}\n"
+        else:
+            persistence = "persistence false\n"
         config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}"
             "max_inflight_messages 100\nmax_queued_messages 100000\n"
         )
         self.process = subprocess.Popen(

@@ -6,6 +6,7 @@ Not a test module: test modules import from here (and from ``tests.support``), n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -18,10 +19,10 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
@@ -30,6 +31,8 @@ from psycopg import sql
 from websockets.sync.client import ClientConnection, connect
 
 from tests.support import ROOT, GatewayProcess, free_port, gateway_env, manage, require_postgres, wait_for
+
+T = TypeVar("T")
 
 # --- databases ----------------------------------------------------------------------------------------------------
 
@@ -311,3 +314,93 @@ class PrivatePostgres:
 
 def seconds_since(moment: float) -> float:
     return time.monotonic() - moment
+
+
+# --- a network that misbehaves ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Link:
+    """One proxied connection: the two writers (client side, target side) and the two tasks copying between them."""
+
+    writers: tuple[asyncio.StreamWriter, asyncio.StreamWriter]
+    pumps: list[asyncio.Task[None]]
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of ``target_port``, on an event loop of its own thread.
+
+    ``stall()`` turns every open connection half-open as both ends see it: nothing more is forwarded either way, yet
+    both sockets stay open (no FIN, no RST), like a NAT or firewall that forgot the flow. Only the ends' own timers
+    (MQTT keepalive, a receive watchdog) can notice. Connections made after it are forwarded normally.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.accepted = 0
+        self._links: list[_Link] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"proxy-{self.port}", daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._call(self._listen())
+        return self
+
+    def stall(self) -> int:
+        """Stop forwarding on every open connection, leaving its sockets open; returns how many were stalled."""
+        return self._call(self._stall())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._call(self._close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._loop.close()
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        pumps = [
+            asyncio.create_task(self._pump(client_reader, target_writer)),
+            asyncio.create_task(self._pump(target_reader, client_writer)),
+        ]
+        self._links.append(_Link((client_writer, target_writer), pumps))
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy one direction; when its source closes, close the other side (a cancelled pump closes nothing)."""
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _stall(self) -> int:
+        stalled = [link for link in self._links if not any(pump.done() for pump in link.pumps)]
+        for link in stalled:
+            for pump in link.pumps:
+                pump.cancel()
+        return len(stalled)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in self._links:
+            for pump in link.pumps:
+                pump.cancel()
+            for writer in link.writers:
+                writer.close()
+        self._links.clear()
