@@ -12,6 +12,7 @@ import itertools
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -404,3 +405,33 @@ class TcpProxy:
             for writer in link.writers:
                 writer.close()
         self._links.clear()
+
+
+# --- systemd's end of a Type=notify service -------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """The service manager's end of NOTIFY_SOCKET: a datagram socket collecting what the service sends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(path)
+        self._sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append((time.monotonic(), self._sock.recv(65536).decode()))
+            except (TimeoutError, BlockingIOError):
+                return [text for _, text in self.messages]
+
+    def wait_for(self, line: str, timeout: float = 20) -> str:
+        def found() -> str | None:
+            return next((text for text in self.poll() if line in text.splitlines()), None)
+
+        return wait_for(found, timeout=timeout, what=f"{line!r} on NOTIFY_SOCKET")
+
+    def close(self) -> None:
+        self._sock.close()

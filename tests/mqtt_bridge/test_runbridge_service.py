@@ -4,7 +4,6 @@ the test opens, Prometheus metrics on GATEWAY_METRICS_BIND, and a SIGTERM that f
 from __future__ import annotations
 
 import signal
-import socket
 import time
 import urllib.request
 import uuid
@@ -12,36 +11,10 @@ import uuid
 import pytest
 from paho.mqtt import publish
 
+from tests.faults.harness import NotifySocket
 from tests.support import GatewayProcess, free_port, gateway_env, manage, require_mosquitto, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-class NotifySocket:
-    """The service manager's end: a datagram socket collecting what the service sends."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(path)
-        self._sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-
-    def poll(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append((time.monotonic(), self._sock.recv(65536).decode()))
-            except (TimeoutError, BlockingIOError):
-                return [text for _, text in self.messages]
-
-    def wait_for(self, line: str, timeout: float = 20) -> str:
-        def found() -> str | None:
-            return next((text for text in self.poll() if line in text.splitlines()), None)
-
-        return wait_for(found, timeout=timeout, what=f"{line!r} on NOTIFY_SOCKET")
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 @pytest.fixture
