@@ -16,6 +16,7 @@ import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from devices import selectors
 from devices.identifiers import is_device_id
@@ -223,16 +224,23 @@ class EventsConsumer(AsyncWebsocketConsumer):
     async def op_command(self, frame: dict[str, Any]) -> None:
         """Store the command (or find the one with this request_id) and answer with its current state: through the
         hub when this socket is subscribed to the device, directly otherwise (so never twice)."""
-        assert self.feed is not None
+        assert self.feed is not None and self.hub is not None
         device, name = frame.get("device"), frame.get("name")
         if not isinstance(device, str) or not isinstance(name, str):
             raise FrameError("bad_frame", "command needs string fields device and name")
+        if not self.hub.ready.is_set():
+            # The layer is down: the command's states could not reach this socket (or wake a bridge) until it is back.
+            raise FrameError("unavailable", "the gateway's channel layer is down; command not stored, try again soon")
         try:
             outcome = await _request_command(
                 user=self.scope["user"], access=self.feed.access, device_id=device, name=name, fields=frame
             )
         except CommandRefused as exc:
             raise FrameError(exc.code, str(exc)) from None
+        except (OperationalError, InterfaceError):
+            raise FrameError(
+                "unavailable", "the database is unavailable; try again soon with the same request_id"
+            ) from None
         command = outcome.command
         if outcome.created:
             await announce(outcome.events, wake_bridges=command.state == Command.State.PENDING)

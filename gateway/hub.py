@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 GROUP_REFRESH = 600.0  # re-add the hub's channel to the group well within any layer's group expiry
 FILL_MAX = 5000  # most events one catch-up reads from the database; older missing ones become a gap
+RETRY_CAP = 2.0  # longest wait between attempts to rejoin a lost layer: browsers get events again within ~2 s of it
 _MAX_SOURCES = 1000
 
 
@@ -203,7 +204,7 @@ class Hub:
                 metrics.HUB_ERRORS.inc()
                 logger.warning("channel layer receive failed (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, RETRY_CAP)
 
     async def _refresh_membership(self, channel: str) -> None:
         while True:

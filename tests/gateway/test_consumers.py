@@ -325,3 +325,49 @@ async def test_an_after_beyond_the_last_id_does_not_hide_later_events(layer):
     seen = await frames_until(communicator, lambda f: f.get("id") == records[0].id)
     assert [f["id"] for f in seen] == [records[0].id]
     await communicator.disconnect()
+
+
+@sync_to_async
+def stored_commands() -> int:
+    from devices.models import Command
+
+    return Command.objects.count()
+
+
+async def test_a_command_is_refused_explicitly_while_the_hub_is_out_of_the_layer(layer):
+    """With the layer down the command's states could not reach the socket: refused, and nothing stored."""
+    _, token = await make_user()
+    await store(("a", 0))
+    communicator = await connect(token)
+    await communicator.receive_json_from()
+    hub = Hub.for_layer(layer)
+    await hub.ready.wait()
+    hub.ready.clear()  # what the hub does when a layer operation fails, until it is back in the group
+    await communicator.send_json_to({"op": "command", "device": "a", "name": "reboot", "request_id": "r1"})
+    error = await communicator.receive_json_from()
+    assert (error["type"], error["code"], error["ref"]) == ("error", "unavailable", "r1"), error
+    assert await stored_commands() == 0
+    await communicator.disconnect()
+
+
+async def test_a_command_is_refused_explicitly_when_the_database_is_unavailable(layer, monkeypatch):
+    """A database outage answers the command with an error frame; the socket stays open."""
+    from django.db import OperationalError
+
+    from gateway import consumers
+
+    async def database_down(**kwargs: Any) -> None:
+        raise OperationalError("connection refused")
+
+    _, token = await make_user()
+    await store(("a", 0))
+    communicator = await connect(token)
+    await communicator.receive_json_from()
+    await Hub.for_layer(layer).ready.wait()
+    monkeypatch.setattr(consumers, "_request_command", database_down)
+    await communicator.send_json_to({"op": "command", "device": "a", "name": "reboot", "request_id": "r2"})
+    error = await communicator.receive_json_from()
+    assert (error["code"], error["ref"]) == ("unavailable", "r2"), error
+    await communicator.send_json_to({"op": "ping"})
+    assert (await communicator.receive_json_from())["type"] == "pong"
+    await communicator.disconnect()
