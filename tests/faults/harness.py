@@ -161,6 +161,10 @@ class Watcher(threading.Thread):
         with self._lock:
             return list(self.ids)
 
+    def telemetry_seen(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return set(self.telemetry)
+
     def command_states(self, command_id: str) -> list[tuple[str, float]]:
         """The command's states in id order (the order clients apply them in), each with when it arrived."""
         with self._lock:
