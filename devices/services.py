@@ -33,8 +33,9 @@ from devices.records import (
     ReplyResult,
 )
 
-# Any constant will do: it names the transaction-scoped PostgreSQL lock that serializes event-id assignment.
-_EVENT_ID_LOCK = 7_349_210_000_001
+# Any constant will do: it names the transaction-scoped PostgreSQL lock that serializes event-id assignment (public:
+# the fault tests hold it to stop a bridge inside an ingest transaction).
+EVENT_ID_LOCK = 7_349_210_000_001
 _PURGE_CHUNK = 5000
 
 
@@ -45,7 +46,7 @@ def lock_event_ids() -> None:
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_EVENT_ID_LOCK])
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [EVENT_ID_LOCK])
 
 
 def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devices: int) -> IngestResult:
