@@ -169,6 +169,7 @@ class GatewaySettings(TypedDict):
     WS_QUEUE_MAX: int
     WS_FRAME_EVENTS: int
     WS_MAX_FRAME: int
+    WS_STALL_TIMEOUT: float
     HEARTBEAT_INTERVAL: float
     COMMANDS_OFFLINE: str
     COMMAND_TIMEOUT: float
@@ -236,6 +237,8 @@ GATEWAY: GatewaySettings = {
     "WS_FRAME_EVENTS": env.int("GATEWAY_WS_FRAME_EVENTS", 500, minimum=1),
     # Above GATEWAY_MAX_PAYLOAD, so a command with the largest params still fits in one client frame.
     "WS_MAX_FRAME": env.int("GATEWAY_WS_MAX_FRAME", 131072, minimum=1024),
+    # A client that reads nothing of what it was sent for this long is closed (its events wait in the feed meanwhile).
+    "WS_STALL_TIMEOUT": env.float("GATEWAY_WS_STALL_TIMEOUT", 30.0, minimum=0.1),
     "HEARTBEAT_INTERVAL": env.float("GATEWAY_HEARTBEAT_INTERVAL", 5.0, minimum=0.1),
     # Commands for an offline device: "reject" at once, or "hold" until it is online or the deadline passes.
     "COMMANDS_OFFLINE": env.choice("GATEWAY_COMMANDS_OFFLINE", "reject", ("reject", "hold")),

@@ -28,6 +28,7 @@ from gateway import commands, metrics
 from gateway.access import AccessWatcher
 from gateway.announce import announce
 from gateway.auth import SESSION, origin_allowed
+from gateway.backpressure import WriteGate
 from gateway.db import db_call
 from gateway.events import PROTOCOL_VERSION, WireEvent, wire_event
 from gateway.feed import SocketFeed
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_POLICY = 1008  # policy violation: sustained flooding
+CLOSE_TOO_SLOW = 4408  # the client stopped reading what it was sent
 MAX_DEVICES_PER_FRAME = 1000
 HUB_READY_TIMEOUT = 5.0
 
@@ -58,6 +60,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
     feed: SocketFeed | None = None
     hub: Hub | None = None
     sender: asyncio.Task[None] | None = None
+    gate: WriteGate | None = None
     user_id: int = 0
     token_id: int | None = None
 
@@ -71,7 +74,12 @@ class EventsConsumer(AsyncWebsocketConsumer):
             return
         access, last_id = await _access_and_last_id(user)
         conf = settings.GATEWAY
-        self.feed = SocketFeed(access=access, max_events=conf["WS_QUEUE_MAX"], frame_events=conf["WS_FRAME_EVENTS"])
+        self.feed = SocketFeed(
+            access=access,
+            max_events=conf["WS_QUEUE_MAX"],
+            frame_events=conf["WS_FRAME_EVENTS"],
+            frame_chars=conf["WS_MAX_FRAME"],
+        )
         self.hub = Hub.for_layer(get_channel_layer())
         self.hub.attach(self.feed)
         try:
@@ -81,6 +89,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
             logger.warning("channel layer not ready after %.0f s; the client will resume later", HUB_READY_TIMEOUT)
         await self.accept()
         metrics.WS_CLIENTS.inc()
+        self.gate = self.scope.get("write_gate") or WriteGate()
         await self._send(
             {
                 "type": "hello",
@@ -141,8 +150,14 @@ class EventsConsumer(AsyncWebsocketConsumer):
         self.feed = None
 
     async def _send_feed(self) -> None:
-        assert self.feed is not None
+        """Frames from the feed, while the client reads them: while it does not, events wait in the bounded feed
+        (overflow becomes a gap), and a client that reads nothing for ``WS_STALL_TIMEOUT`` seconds is closed."""
+        assert self.feed is not None and self.gate is not None
         while True:
+            if not await self.gate.wait_open(settings.GATEWAY["WS_STALL_TIMEOUT"]):
+                metrics.WS_STALLED.inc()
+                await self.close(code=CLOSE_TOO_SLOW)
+                return
             for text in await self.feed.next_frames():
                 await self.send(text_data=text)
                 metrics.WS_FRAMES.inc()

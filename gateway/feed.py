@@ -11,6 +11,8 @@ from devices.permissions import DeviceAccess
 from gateway import metrics
 from gateway.events import WireEvent, batch_frame, gap_frame
 
+BATCH_OVERHEAD = len(batch_frame(["", ""])) - 1  # the batch wrapper, without the events and their commas
+
 
 @dataclass(slots=True)
 class Gap:
@@ -22,15 +24,19 @@ class SocketFeed:
     """What the hub pushes to one socket; the socket's sender task takes frames from it.
 
     Bounded by ``max_events``: past it, events are dropped and a ``gap`` frame takes their place, so the
-    client knows to resume. While ``held`` (during a replay) events are queued but not handed out.
+    client knows to resume. While ``held`` (during a replay) events are queued but not handed out. A batch frame
+    holds at most ``frame_events`` events and ``frame_chars`` characters (unless one event alone is longer): Daphne
+    refuses to send a message over its size limit (4 x GATEWAY_WS_MAX_FRAME bytes in the deployed units), and
+    that error would end the socket's sender.
     """
 
-    def __init__(self, *, access: DeviceAccess, max_events: int, frame_events: int) -> None:
+    def __init__(self, *, access: DeviceAccess, max_events: int, frame_events: int, frame_chars: int = 131072) -> None:
         self.access = access
         self.devices: set[str] = set()
         self.wildcard = False
         self._max = max_events
         self._frame_events = frame_events
+        self._frame_chars = frame_chars
         self._items: deque[WireEvent | Gap] = deque()
         self._events = 0
         self._replay_left = 0  # replayed events still queued: they do not count against the live bound
@@ -134,16 +140,19 @@ class SocketFeed:
     def _take(self) -> list[str]:
         frames: list[str] = []
         batch: list[str] = []
+        size = BATCH_OVERHEAD
         taken = 0
         while self._items and taken < self._frame_events:
             item = self._items.popleft()
+            full = not isinstance(item, Gap) and size + len(item["frame"]) + 1 > self._frame_chars
+            if batch and (isinstance(item, Gap) or full):
+                frames.append(batch_frame(batch))
+                batch, size = [], BATCH_OVERHEAD
             if isinstance(item, Gap):
-                if batch:
-                    frames.append(batch_frame(batch))
-                    batch = []
                 frames.append(gap_frame(item.first, item.last))
                 continue
             batch.append(item["frame"])
+            size += len(item["frame"]) + 1
             self._events -= 1
             self._replay_left = max(0, self._replay_left - 1)
             taken += 1

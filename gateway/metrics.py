@@ -15,6 +15,9 @@ WS_REPLAY_GAPS = Counter(
 )
 WS_ERRORS = Counter("gateway_ws_errors_total", "Error frames sent in answer to bad client frames, by code", ["code"])
 WS_REFUSED = Counter("gateway_ws_refused_total", "WebSocket connections refused, by close code", ["code"])
+WS_STALLED = Counter(
+    "gateway_ws_stalled_total", "WebSockets closed (code 4408) because the client stopped reading what it was sent"
+)
 HUB_BATCHES = Counter("gateway_hub_batches_total", "Event batches received from the channel layer")
 HUB_LOST = Counter("gateway_hub_lost_batches_total", "Event batches lost in the channel layer (detected by sequence)")
 HUB_CAUGHT_UP = Counter(

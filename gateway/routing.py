@@ -9,6 +9,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import path
 
 from gateway.auth import TokenAuthMiddleware
+from gateway.backpressure import WriteGateMiddleware
 from gateway.consumers import EventsConsumer
 
 websocket_urlpatterns = [path("ws/", EventsConsumer.as_asgi())]
@@ -18,6 +19,8 @@ def build_application(*, http_app: Any) -> ProtocolTypeRouter:
     return ProtocolTypeRouter(
         {
             "http": http_app,
-            "websocket": AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
+            "websocket": WriteGateMiddleware(
+                AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
+            ),
         }
     )

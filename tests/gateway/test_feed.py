@@ -89,6 +89,21 @@ async def test_batches_hold_at_most_frame_events_and_the_rest_follows():
     assert await nothing_ready(socket_feed)
 
 
+async def test_batches_stay_within_frame_chars_and_an_event_longer_than_that_goes_alone():
+    """Daphne refuses to send a message over its size limit, and that error would end the socket's sender."""
+    one = len(wired(1)["frame"])
+    socket_feed = SocketFeed(access=EVERYTHING, max_events=100, frame_events=100, frame_chars=28 + 3 * (one + 1))
+    for event_id in range(1, 8):
+        socket_feed.push(wired(event_id))
+    frames = await asyncio.wait_for(socket_feed.next_frames(), 1)
+    assert [describe(frame) for frame in frames] == [("events", [1, 2, 3]), ("events", [4, 5, 6]), ("events", [7])]
+    assert all(len(frame) <= 28 + 3 * (one + 1) for frame in frames)
+    tiny = SocketFeed(access=EVERYTHING, max_events=100, frame_events=100, frame_chars=10)
+    tiny.push(wired(1))
+    tiny.push(wired(2))
+    assert await take(tiny) == [("events", [1]), ("events", [2])]
+
+
 async def test_batch_frames_are_valid_json_of_the_contract_shape():
     socket_feed = feed()
     socket_feed.push(wired(1, "a"))
