@@ -133,6 +133,8 @@ def valid_token_ids(*, token_ids: Collection[int]) -> set[int]:
 class BridgeHealth:
     connected: list[str]
     stale_or_disconnected: list[str]
+    waiting: dict[str, str] = field(default_factory=dict)
+    """Bridges that reported within the age limit without a broker connection -> what they said (why)."""
 
     @property
     def ok(self) -> bool:
@@ -140,13 +142,17 @@ class BridgeHealth:
 
 
 def bridge_health(*, max_age: float) -> BridgeHealth:
-    """Which bridges reported a live broker connection within ``max_age`` seconds."""
+    """Which bridges reported a live broker connection within ``max_age`` seconds (and what the others said)."""
     fresh_after = timezone.now() - timedelta(seconds=max_age)
     connected: list[str] = []
     other: list[str] = []
-    for beat in BridgeHeartbeat.objects.all():
-        (connected if beat.connected and beat.updated_at >= fresh_after else other).append(beat.name)
-    return BridgeHealth(connected=connected, stale_or_disconnected=other)
+    waiting: dict[str, str] = {}
+    for beat in BridgeHeartbeat.objects.order_by("name"):
+        fresh = beat.updated_at >= fresh_after
+        (connected if beat.connected and fresh else other).append(beat.name)
+        if fresh and not beat.connected:
+            waiting[beat.name] = beat.detail or "not connected"
+    return BridgeHealth(connected=connected, stale_or_disconnected=other, waiting=waiting)
 
 
 def command_event(*, command_id: str, device_id: str) -> EventRecord | None:

@@ -37,7 +37,10 @@ def _bridge() -> Check:
         return Check("broker", False, f"cannot read bridge heartbeats: {str(exc)[:150]}")
     if health.ok:
         return Check("broker", True, f"connected via {', '.join(health.connected)}")
-    return Check("broker", False, "no bridge reports a broker connection")
+    # What the running bridges say tells a broker that is down (their last error) from bridges that are not running
+    # (nothing to say).
+    why = "; ".join(f"{name}: {detail}" for name, detail in health.waiting.items())[:250]
+    return Check("broker", False, "no bridge reports a broker connection" + (f" ({why})" if why else ""))
 
 
 async def _layer() -> Check:

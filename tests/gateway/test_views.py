@@ -1,12 +1,14 @@
 import time
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 
 from devices import services
-from devices.models import Device, Event
+from devices.models import BridgeHeartbeat, Device, Event
 from devices.records import EventKind, Observation
 
 pytestmark = pytest.mark.django_db
@@ -33,6 +35,22 @@ def test_readyz_reports_each_check_and_fails_without_a_bridge(client):
     services.record_bridge_heartbeat(name="bridge-1", connected=True)
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["broker"]["detail"] == "connected via bridge-1"
+
+
+def test_readyz_says_why_running_bridges_have_no_broker(client):
+    """A bridge that reports in but cannot reach the broker says why; a silent (stale) one is not quoted."""
+    services.record_bridge_heartbeat(
+        name="bridge-1", connected=False, detail="cannot connect to mqtt://127.0.0.1:1883: Connection refused"
+    )
+    services.record_bridge_heartbeat(name="bridge-old", connected=False, detail="stale news")
+    BridgeHeartbeat.objects.filter(name="bridge-old").update(updated_at=timezone.now() - timedelta(hours=1))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"] == {
+        "ok": False,
+        "detail": "no bridge reports a broker connection "
+        "(bridge-1: cannot connect to mqtt://127.0.0.1:1883: Connection refused)",
+    }
 
 
 def test_metrics_are_prometheus_text(client):
