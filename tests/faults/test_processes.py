@@ -480,7 +480,7 @@ def test_clients_of_a_killed_daphne_resume_elsewhere_with_no_gap_and_no_duplicat
 
     client = ResumingClient(token)
     client.connect(ports[0])
-    devices = Telemetry(rig.broker.port, rig.prefix, [f"w{n:02d}" for n in range(20)], per_device=80, rate=150)
+    devices = Telemetry(rig.broker.port, rig.prefix, [f"w{n:02d}" for n in range(20)], per_device=100, rate=150)
     devices.start()
     recoveries = []
     try:
@@ -537,7 +537,7 @@ def test_a_bridge_killed_mid_batch_loses_nothing_and_stores_nothing_twice(rig: R
         rig.proxy.hold("up")
         held_from = sum(stored_telemetry(rig.database_url).values())
         wait_for(
-            lambda: sum(stored_telemetry(rig.database_url).values()) >= held_from + 100,
+            lambda: sum(stored_telemetry(rig.database_url).values()) >= held_from + 50,
             timeout=10,
             what="batches stored whose PUBACKs are held",
         )
@@ -577,8 +577,10 @@ class KillPoint:
 
     step: str  # stored, claimed, published (the PUBACK lost), sent
     reply: str  # "at once": the device answers each id on receipt; "after the kill": while no bridge runs;
-    # "to the second copy": the device is slow, and answers only once it got the command again
-    publishes: int  # how many copies of the command the device receives
+    # "to the second copy": the device is slow, and answers only once it got the command again; "never"
+    publishes: range  # how many copies of the command the device may receive
+    final: str = "succeeded"
+    timeout: float = 30.0  # the command's timeout (seconds)
 
     @property
     def name(self) -> str:
@@ -591,18 +593,21 @@ class KillPoint:
 
 FINAL_STATES = {"succeeded", "failed", "expired", "rejected"}
 KILL_POINTS = [
-    KillPoint("stored", "at once", publishes=1),
-    KillPoint("claimed", "at once", publishes=1),
-    KillPoint("published", "at once", publishes=1),  # the redelivered reply finishes it before the lease lapses
-    KillPoint("published", "to the second copy", publishes=2),  # the lease lapses: published again, same id
-    KillPoint("sent", "after the kill", publishes=1),
+    KillPoint("stored", "at once", publishes=range(1, 2)),
+    KillPoint("claimed", "at once", publishes=range(1, 2)),
+    # The redelivered reply usually finishes it before the claim lapses; on a slow restart it is published again.
+    KillPoint("published", "at once", publishes=range(1, 3)),
+    KillPoint("published", "to the second copy", publishes=range(2, 3)),  # the claim lapses: published again
+    KillPoint("sent", "after the kill", publishes=range(1, 2)),
+    # The deadline was on the dead bridge's clock: the next one sweeps it by wall clock, one lease late.
+    KillPoint("sent", "never", publishes=range(1, 2), final="expired", timeout=2.0),
 ]
 
 
 def send_command(client: ResumingClient, point: KillPoint) -> str:
     """Ask for a command through Daphne (``request_id`` = the point's name); its id, from the ``pending`` frame."""
-    frame = {"op": "command", "device": point.device_id, "name": "reboot", "timeout": 30, "request_id": point.name}
-    client.send({**frame, "params": {"step": point.step}})
+    frame = {"op": "command", "device": point.device_id, "name": "reboot", "request_id": point.name}
+    client.send({**frame, "timeout": point.timeout, "params": {"step": point.step}})
     return str(wait_for(functools.partial(client.command_id, point.name), timeout=10, what="the pending frame"))
 
 
@@ -662,9 +667,10 @@ def reply(rig: Rig, device: PahoDevice, command_id: str) -> None:
 def test_a_command_cut_at_each_step_by_a_killed_bridge_ends_in_one_final_state(rig: Rig, capsys):
     """Row "bridge killed with SIGKILL at each step of a command": at each point (stored; claimed; published but
     its PUBACK lost, so not recorded ``sent``, once with a device that answers at once and once with one that
-    answers late; ``sent``) the bridge is SIGKILLed and a new one started on the same session. The command ends
-    ``succeeded`` with exactly one final-state frame on a WebSocket client. The device receives it once, except
-    after a lost PUBACK with no reply yet: then once more when the claim lapses, with the same id."""
+    answers late; ``sent``, answered while no bridge runs or never) the bridge is SIGKILLed and a new one started
+    on the same session. The command ends ``succeeded`` (``expired`` when never answered) with exactly one
+    final-state frame on a WebSocket client. The device receives it once, except after a lost PUBACK with no reply
+    yet: then once more when the claim lapses, with the same id."""
     web_port, metrics_port = free_port(), free_port()
     daphne = rig.daphne(web_port)
     bridge = rig.bridge(metrics_port)
@@ -701,10 +707,11 @@ def test_a_command_cut_at_each_step_by_a_killed_bridge_ends_in_one_final_state(r
             states = client.command_states(point.name)
             received = copies(device)
             outcomes.append(f"{point.name}: {final - killed_at:.1f} s, {len(received)} cop(ies)")
-            assert states[0] == "pending" and states[-1] == "succeeded", f"{point.name}: states {states}"
-            assert states.count("succeeded") == 1 and set(states) <= {"pending", "sent", "succeeded"}, states
-            assert received == [command_id] * point.publishes, f"{point.name}: the device got {received}"
-            assert command_row(rig.database_url, command_id)["state"] == "succeeded"
+            assert states[0] == "pending" and states[-1] == point.final, f"{point.name}: states {states}"
+            assert states.count(point.final) == 1 and set(states) <= {"pending", "sent", point.final}, states
+            assert len(received) in point.publishes, f"{point.name}: the device got {received}"
+            assert set(received) == {command_id}, f"{point.name}: the device got {received}"
+            assert command_row(rig.database_url, command_id)["state"] == point.final
             wait_bridge_connected(rig, bridge, metrics_port)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{rig.logs()}") from None
