@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
 from devices.records import CommandToSend, EventRecord
@@ -97,28 +98,39 @@ class CommandDispatcher:
         """Claim and publish until the connection goes (``BrokerUnavailable`` ends it quietly)."""
         try:
             while True:
-                claimed = await self._store.claim_commands(
-                    owner=self.owner,
-                    lease=self._settings.lease,
-                    limit=self._settings.batch,
-                    hold_offline=self._settings.hold_offline,
-                )
-                for command in claimed:
-                    try:
-                        await self._publish(client, command)
-                    except BrokerUnavailable:
-                        raise
-                    except Exception as exc:  # one bad command must never stop the others
-                        logger.exception("command %s could not be published", command.id)
-                        await self._announce(
-                            await self._store.fail_command(command_id=command.id, error=f"publish_error: {exc}"[:200])
-                        )
-                if len(claimed) < self._settings.batch:
+                try:
+                    claimed = await self._publish_round(client)
+                except DatabaseError as exc:
+                    # The database is away: what was claimed keeps its lease (published again once it lapses, with
+                    # the same id), what was not is claimed at a later round. Never let the loop die of it.
+                    logger.warning("command publishing waits for the database: %r", exc)
+                    claimed = 0
+                if claimed < self._settings.batch:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval)
                     self._wake.clear()
         except BrokerUnavailable as exc:
             logger.info("command publishing paused: %s", exc)
+
+    async def _publish_round(self, client: MqttClient) -> int:
+        """Claim a batch of pending commands and publish them; how many were claimed."""
+        claimed = await self._store.claim_commands(
+            owner=self.owner,
+            lease=self._settings.lease,
+            limit=self._settings.batch,
+            hold_offline=self._settings.hold_offline,
+        )
+        for command in claimed:
+            try:
+                await self._publish(client, command)
+            except (BrokerUnavailable, OperationalError, InterfaceError):
+                raise
+            except Exception as exc:  # one bad command must never stop the others
+                logger.exception("command %s could not be published", command.id)
+                await self._announce(
+                    await self._store.fail_command(command_id=command.id, error=f"publish_error: {exc}"[:200])
+                )
+        return len(claimed)
 
     async def _publish(self, client: MqttClient, command: CommandToSend) -> None:
         now_wall, now_mono = time.time(), self._clock()

@@ -221,3 +221,29 @@ async def test_a_command_left_unconfirmed_by_a_crash_is_published_again_with_the
         assert await sync_to_async(lambda: Command.objects.get(id=command_id).attempts)() == 2
     finally:
         await asyncio.to_thread(device.stop)
+
+
+async def test_command_publishing_outlives_a_database_outage(harness, monkeypatch):
+    """The publisher's claim failing (database down) must not end it: a command requested afterwards is published."""
+    from django.db import OperationalError
+
+    store = harness.bridge.commands._store
+    real_claim = store.claim_commands
+    failures = 0
+
+    async def claim_while_down(**kwargs: Any) -> Any:
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise OperationalError("connection refused")
+        return await real_claim(**kwargs)
+
+    monkeypatch.setattr(store, "claim_commands", claim_while_down)
+    device = await asyncio.to_thread(PahoDevice(harness.port, harness.prefix, "dev-1").start)
+    try:
+        await harness.command(device="dev-1", name="reboot", request_id="r-db")
+        frames = await harness.frames(lambda f: f.get("state") == "succeeded")
+        assert failures == 3
+        assert [f["state"] for f in frames if f["type"] == "command"] == ["pending", "sent", "succeeded"]
+    finally:
+        await asyncio.to_thread(device.stop)

@@ -1,0 +1,53 @@
+"""The MQTT client's incoming queue: QoS 0 overflow is discarded and counted; a QoS 1 message is never stranded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiomqtt
+import pytest
+
+from mqtt_bridge.client import BrokerUnavailable, MqttClient, MqttConfig
+
+
+def message(qos: int, mid: int = 0) -> aiomqtt.Message:
+    return aiomqtt.Message("devices/d/telemetry", b"{}", qos=qos, retain=False, mid=mid, properties=None)
+
+
+def client(queue_max: int = 100, receive_maximum: int = 2, drops: list[int] | None = None) -> MqttClient:
+    config = MqttConfig(
+        host="127.0.0.1", port=1, client_id="queue-test", queue_max=queue_max, receive_maximum=receive_maximum
+    )
+    return MqttClient(config, on_drop=lambda: (drops if drops is not None else []).append(1))
+
+
+async def test_qos0_past_the_limit_is_discarded_and_counted_but_qos1_waits_within_the_in_flight_window():
+    drops: list[int] = []
+    queue = client(queue_max=100, receive_maximum=2, drops=drops)._build()._queue
+    for _ in range(100):
+        queue.put_nowait(message(qos=0))
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message(qos=0))
+    assert drops == [1]
+    queue.put_nowait(message(qos=1, mid=1))  # bounded by the broker's in-flight window, not by the QoS 0 limit
+    queue.put_nowait(message(qos=1, mid=2))
+    assert queue.qsize() == 102 and drops == [1]
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message(qos=1, mid=3))  # a broker ignoring the window
+    assert drops == [1, 1]
+
+
+async def test_a_discarded_qos1_message_makes_the_client_reconnect_once_what_came_before_is_handed_out():
+    mqtt = client(queue_max=100, receive_maximum=1)
+    mqtt._client = mqtt._build()  # not connected: the test plays the broker by filling its queue
+    mqtt._messages = mqtt._client.messages.__aiter__()
+    queue = mqtt._client._queue
+    for mid in range(101):
+        queue.put_nowait(message(qos=1, mid=mid))
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message(qos=1, mid=101))
+    batch: list = []
+    await mqtt.receive_into(batch, max_items=1000, linger=0)  # what came before is still handed out
+    assert [m.mid for m in batch] == list(range(101))
+    with pytest.raises(BrokerUnavailable, match="redelivers"):
+        await mqtt.receive_into([], max_items=1000, linger=0)
