@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.cache import never_cache
 from ninja import NinjaAPI
@@ -59,6 +60,8 @@ def answer(request: HttpRequest, exc: object) -> HttpResponse:
         exc = refused(exc)
     if isinstance(exc, ApiError):
         return error(exc.status, exc.code, exc.message)
+    if isinstance(exc, OperationalError | InterfaceError):
+        return error(503, "unavailable", "the database is unavailable; try again later (a command: same request_id)")
     if isinstance(exc, ValidationError):
         return error(400, "bad_request", describe_validation(exc.errors))
     if isinstance(exc, AuthenticationError):
@@ -70,7 +73,16 @@ def answer(request: HttpRequest, exc: object) -> HttpResponse:
     raise TypeError(f"no API answer for {type(exc).__name__}")
 
 
-HANDLED = (ApiError, AccessRefused, CommandRefused, ValidationError, AuthenticationError, HttpError)
+HANDLED = (
+    ApiError,
+    AccessRefused,
+    CommandRefused,
+    ValidationError,
+    AuthenticationError,
+    HttpError,
+    OperationalError,
+    InterfaceError,
+)
 
 
 def install_handlers(api: NinjaAPI) -> None:

@@ -324,3 +324,18 @@ def test_commands_of_an_unknown_or_invisible_device_get_404(client, devices, dja
     for device in ("hidden", "nope"):
         response = client.get(f"/api/devices/{device}/commands")
         assert response.status_code == 404 and response.json()["error"] == "unknown_device"
+
+
+def test_a_database_outage_gets_503_unavailable_and_stores_nothing(api, devices, monkeypatch):
+    from django.db import OperationalError
+
+    from gateway.api import commands
+
+    def database_down(**kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(commands, "request_command", database_down)
+    response = post(api, {"device": "on-1", "name": "reboot", "request_id": "r-db"})
+    assert response.status_code == 503
+    assert response.json()["error"] == "unavailable"
+    assert not Command.objects.exists()
