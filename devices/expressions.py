@@ -9,7 +9,7 @@ gets ``NotSupportedError`` naming it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.db import NotSupportedError, connections
@@ -94,7 +94,7 @@ class BucketIndex(_PerVendor):
 _FENCES = {"sqlite": "LIMIT -1", "postgresql": "OFFSET 0"}
 
 
-def group_stats(rows: QuerySet[Model], *, group: Expression, values: dict[str, Expression]) -> list[tuple[Any, ...]]:
+def group_stats(rows: QuerySet[Model], *, group: Expression, values: Mapping[str, Expression]) -> list[tuple[Any, ...]]:
     """For each value of ``group`` (ascending): the group, then MIN, MAX, AVG and COUNT of each of ``values``.
 
     The values are computed in a fenced subquery, once per row. Inlined (Django's own ``annotate(Min(...), ...)``)

@@ -188,3 +188,25 @@ class Acknowledgement(models.Model):
 
     def __str__(self) -> str:
         return f"event #{self.event_id} of {self.device_id} acknowledged by {self.acknowledged_by}"
+
+
+class TelemetryRollup(models.Model):
+    """One device's numeric telemetry values of one metric within one hour (``hour`` = unix time // 3600): their
+    min, max, sum and count. Kept by ingest (``devices/rollups.py``) so that long ranges read a row per hour."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="rollups", db_index=False)
+    metric = models.TextField()
+    hour = models.BigIntegerField()
+    min = models.FloatField()
+    max = models.FloatField()
+    total = models.FloatField()
+    count = models.BigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["device", "metric", "hour"], name="rollup_device_metric_hour"),
+        ]
+        indexes = [models.Index(fields=["hour"], name="rollup_hour")]  # retention
+
+    def __str__(self) -> str:
+        return f"{self.device_id} {self.metric} hour {self.hour}: {self.count} values"

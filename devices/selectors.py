@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.contrib.auth.models import User
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import BigIntegerField, Count, ExpressionWrapper, F, Max, Min, Q, QuerySet, Sum, Value
 from django.db.models.expressions import OrderBy
 from django.utils import timezone
 
+from devices import rollups
 from devices.alerts import unacknowledged_alerts
 from devices.expressions import BucketIndex, JsonNumber, group_stats
 from devices.identifiers import is_device_id
-from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet
+from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Fleet, TelemetryRollup
 from devices.permissions import DeviceAccess
 from devices.records import EventKind, EventRecord
 from devices.services import hash_token
@@ -323,12 +325,16 @@ def telemetry_series(
     """The numeric values of ``metrics`` in a device's telemetry with ``start <= ts <= end``.
 
     A metric with at most ``buckets`` values in the range comes back raw; one with more, as min, max, mean and
-    count per bucket of width ``(end - start) / buckets``. Both are computed by the database (one GROUP BY over
-    the range, then one query for the raw metrics, if any); non-numeric values are skipped.
+    count per bucket of width ``(end - start) / buckets``, or, when that is an hour or more, per bucket of that
+    width rounded up to whole hours and counted from the hour ``start`` falls in (see ``_hourly``). Both are
+    computed by the database; non-numeric values are skipped.
     """
     rows = Event.objects.filter(device_id=device_id, kind=EventKind.TELEMETRY.value, ts__gte=start, ts__lte=end)
     width = (end - start) / buckets
-    series = _bucketed(rows, metrics, start=start, end=end, buckets=buckets, width=width)
+    if width >= rollups.HOUR:
+        series = _hourly(device_id, rows, metrics, start=start, end=end, hours=math.ceil(width / rollups.HOUR))
+    else:
+        series = _bucketed(rows, metrics, start=start, end=end, buckets=buckets, width=width)
     few = [metric for metric in metrics if sum(series[metric].count) <= buckets]
     series.update(_raw(rows, few))
     return series
@@ -358,6 +364,58 @@ def _bucketed(
                 found.mean.append(mean)
                 found.count.append(count)
     return series
+
+
+def _hourly(
+    device_id: str, rows: QuerySet[Event], metrics: Sequence[str], *, start: float, end: float, hours: int
+) -> dict[str, Series]:
+    """Buckets of ``hours`` whole hours, the first starting at the hour ``start`` falls in: the hours wholly inside
+    the range read from the hourly rollups (a row per hour and metric, whatever the rate), the two partial hours at
+    its edges from the events, so the figures are exactly those of the events in ``[start, end]``. The first
+    bucket's ``t`` is ``start``."""
+    first, last = rollups.hour_of(start), rollups.hour_of(end)
+    stats: dict[tuple[str, int], rollups.Stats] = {}
+    bucket = ExpressionWrapper((F("hour") - first) / hours, output_field=BigIntegerField())
+    inside = (
+        TelemetryRollup.objects.filter(device_id=device_id, metric__in=list(metrics), hour__gt=first, hour__lt=last)
+        .annotate(bucket=bucket)
+        .values("metric", "bucket")
+        .annotate(low=Min("min"), high=Max("max"), total=Sum("total"), values=Sum("count"))
+        .order_by()
+    )
+    for row in inside:
+        stats[(row["metric"], row["bucket"])] = rollups.Stats(row["low"], row["high"], row["total"], row["values"])
+    edges = (
+        (rows.filter(ts__lt=(first + 1) * rollups.HOUR), 0),
+        (rows.filter(ts__gte=last * rollups.HOUR), (last - first) // hours),
+    )
+    values = {f"v{n}": _metric_value(metric) for n, metric in enumerate(metrics)}
+    for edge, index in edges:
+        for _, *figures in group_stats(edge, group=Value(0), values=values):
+            for n, metric in enumerate(metrics):
+                low, high, mean, count = figures[4 * n : 4 * n + 4]
+                if count:
+                    _merge(stats, (metric, index), rollups.Stats(low, high, mean * count, count))
+    width = hours * rollups.HOUR
+    series = {metric: Series(bucket=width) for metric in metrics}
+    for (metric, index), found in sorted(stats.items()):
+        out = series[metric]
+        out.t.append(max(start, (first + index * hours) * rollups.HOUR))
+        out.min.append(found.min)
+        out.max.append(found.max)
+        out.mean.append(found.total / found.count)
+        out.count.append(found.count)
+    return series
+
+
+def _merge(stats: dict[tuple[str, int], rollups.Stats], key: tuple[str, int], more: rollups.Stats) -> None:
+    found = stats.get(key)
+    if found is None:
+        stats[key] = more
+    else:
+        found.min, found.max = min(found.min, more.min), max(found.max, more.max)
+        found.total += more.total
+        found.count += more.count
 
 
 def _raw(rows: QuerySet[Event], metrics: Sequence[str]) -> dict[str, Series]:

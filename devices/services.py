@@ -18,6 +18,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Field, Q
 from django.utils import timezone
 
+from devices import rollups
 from devices.alerts import alert_events, not_acknowledged, unacknowledged_alerts
 from devices.identifiers import is_command_name, is_device_id
 from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Lease
@@ -90,6 +91,8 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
             )
         Event.objects.bulk_create(rows, batch_size=500)
         _save_device_state(changed.values())
+        telemetry = EventKind.TELEMETRY.value
+        rollups.merge(rollups.of_telemetry((row.device_id, row.ts, row.body) for row in rows if row.kind == telemetry))
     result.stored = [
         EventRecord(
             id=row.id,
@@ -176,8 +179,8 @@ def _apply(device: Device, obs: Observation) -> bool:
 
 
 def purge_history(*, older_than: float) -> int:
-    """Delete events received before ``older_than`` (unix seconds), in chunks, and the acknowledgements of those
-    events; returns how many events."""
+    """Delete events received before ``older_than`` (unix seconds), in chunks, with their acknowledgements and the
+    telemetry rollups of the hours before it; returns how many events."""
     total = 0
     while True:
         with transaction.atomic():
@@ -186,6 +189,7 @@ def purge_history(*, older_than: float) -> int:
             )
             if not ids:
                 Acknowledgement.objects.filter(event_ts__lt=older_than).delete()
+                rollups.purge(older_than=older_than)
                 return total
             Event.objects.filter(id__in=ids).delete()
         total += len(ids)

@@ -126,8 +126,9 @@ def telemetry(
     buckets: Annotated[int, Query(ge=1, le=BUCKETS_MAX)] = BUCKETS_DEFAULT,
 ) -> dict[str, Any]:
     """Numeric telemetry over ``[start, end]``: raw points for a metric with at most ``buckets`` values in the
-    range, otherwise min, max, mean and count per bucket of width ``(end - start) / buckets`` (buckets without
-    data left out), computed by the database. Booleans and strings are not charted."""
+    range, otherwise min, max, mean and count per bucket of width ``(end - start) / buckets``, rounded up to whole
+    hours when it is an hour or more (buckets without data left out), computed by the database from the events or,
+    for whole hours, from hourly rollups. Booleans and strings are not charted."""
     last_id = selectors.last_event_id()
     device = device_or_404(request, device_id)
     until = end if end is not None else time.time()

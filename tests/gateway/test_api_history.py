@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
+from devices import rollups
 from devices.models import Device, Event
 from tests.gateway.api_helpers import alert, grant, telemetry, token_client
 
@@ -108,6 +109,7 @@ def test_a_year_of_hourly_points_comes_back_in_at_most_the_asked_buckets(api):
             for minute in range(0, 525_600, 60)  # one point per hour keeps the test quick; the bench does minutes
         ]
     )
+    rollups.rebuild(device_ids=["y"])  # history written around ingest gets its hourly rollups
     body = api.get(f"/api/devices/y/telemetry?metrics=t&start={start}&end={start + 365 * 86400}&buckets=365").json()
     series = body["series"]["t"]
     assert len(series["t"]) == 365 and sum(series["count"]) == 8760 and body["bucket"] == 86400

@@ -1,0 +1,143 @@
+"""Hourly rollups of numeric telemetry: what makes a year of history about as quick to read as a day.
+
+Every numeric telemetry value stored also counts in its ``(device, metric, hour)`` row of ``TelemetryRollup``: min,
+max, sum and count. Ingest merges a batch's rollups in one statement per 500 rows (``merge``, SQL per database);
+``devices.selectors.telemetry_series`` reads whole hours from them when the buckets asked for are an hour wide or
+more. Data written around ingest (an import, the benchmark's bulk load) gets its rollups from ``rebuild``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import NotSupportedError, connection
+from django.db.models import Model, QuerySet
+
+from devices.models import Event, TelemetryRollup
+from devices.records import EventKind
+
+HOUR = 3600
+_MERGE_CHUNK = 500
+_REBUILD_CHUNK = 5000
+
+RollupKey = tuple[str, str, int]
+"""``(device id, metric, hour)``, the hour as unix time // 3600."""
+
+
+@dataclass
+class Stats:
+    """Min, max, sum and count of some values."""
+
+    min: float
+    max: float
+    total: float
+    count: int
+
+    @classmethod
+    def of(cls, value: float) -> Stats:
+        return cls(min=value, max=value, total=value, count=1)
+
+    def add(self, value: float) -> None:
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        self.total += value
+        self.count += 1
+
+
+def hour_of(ts: float) -> int:
+    return math.floor(ts / HOUR)
+
+
+def numeric_values(body: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
+    """The metrics of a telemetry body that are charted: finite numbers, not booleans (as ``JsonNumber`` reads)."""
+    values = body.get("values")
+    if not isinstance(values, dict):
+        return
+    for name, value in values.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number):
+                yield name, number
+
+
+def of_telemetry(rows: Iterable[tuple[str, float, Mapping[str, Any]]]) -> dict[RollupKey, Stats]:
+    """The rollups of ``(device id, receive time, body)`` telemetry rows."""
+    stats: dict[RollupKey, Stats] = {}
+    for device_id, ts, body in rows:
+        hour = hour_of(ts)
+        for metric, value in numeric_values(body):
+            key = (device_id, metric, hour)
+            found = stats.get(key)
+            if found is None:
+                stats[key] = Stats.of(value)
+            else:
+                found.add(value)
+    return stats
+
+
+# The two spellings of "the smaller / larger of two values" in an upsert.
+_EXTREMES = {"sqlite": ("MIN", "MAX"), "postgresql": ("LEAST", "GREATEST")}
+
+
+def merge(stats: Mapping[RollupKey, Stats], *, model: type[Model] = TelemetryRollup) -> None:
+    """Add ``stats`` to the stored rollups: one ``INSERT ... ON CONFLICT DO UPDATE`` per 500 rows, in key order (so
+    that two writers lock rows in the same order). ``model`` is the rollup model (a migration passes its own)."""
+    extremes = _EXTREMES.get(connection.vendor)
+    if extremes is None:
+        raise NotSupportedError(f"rollups are written for SQLite and PostgreSQL, not {connection.vendor}")
+    least, greatest = extremes
+    quote = connection.ops.quote_name
+    table = quote(model._meta.db_table)
+    columns = ["device_id", "metric", "hour", "min", "max", "total", "count"]
+    names = ", ".join(quote(column) for column in columns)
+    low, high, total, count = (quote(column) for column in ("min", "max", "total", "count"))
+    updates = (
+        f"{low} = {least}({table}.{low}, excluded.{low}), {high} = {greatest}({table}.{high}, excluded.{high}), "
+        f"{total} = {table}.{total} + excluded.{total}, {count} = {table}.{count} + excluded.{count}"
+    )
+    rows = [(*key, found.min, found.max, found.total, found.count) for key, found in sorted(stats.items())]
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), _MERGE_CHUNK):
+            chunk = rows[start : start + _MERGE_CHUNK]
+            placeholders = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(chunk))
+            cursor.execute(
+                f"INSERT INTO {table} ({names}) VALUES {placeholders} "  # noqa: S608 (names from the model)
+                f"ON CONFLICT ({quote('device_id')}, {quote('metric')}, {quote('hour')}) DO UPDATE SET {updates}",
+                [value for row in chunk for value in row],
+            )
+
+
+def rebuild(*, device_ids: Iterable[str] | None = None) -> int:
+    """Recompute the rollups of some devices (default: all) from their stored telemetry; returns how many events
+    were read. For history written around ``services.ingest``; ingest keeps rollups current by itself."""
+    rollups = TelemetryRollup.objects.all()
+    events = Event.objects.filter(kind=EventKind.TELEMETRY.value)
+    if device_ids is not None:
+        wanted = list(device_ids)
+        rollups = rollups.filter(device_id__in=wanted)
+        events = events.filter(device_id__in=wanted)
+    rollups.delete()
+    return add_stored(events)
+
+
+def add_stored(telemetry: QuerySet[Any], *, model: type[Model] = TelemetryRollup) -> int:
+    """Merge the rollups of stored telemetry events, read in id order 5,000 at a time; returns how many were read.
+    (Also run by the migration that created the rollups, with its historical models.)"""
+    read = 0
+    after = 0
+    while True:
+        rows = telemetry.filter(id__gt=after).order_by("id").values_list("id", "device_id", "ts", "body")
+        chunk = list(rows[:_REBUILD_CHUNK])
+        if not chunk:
+            return read
+        merge(of_telemetry((device_id, ts, body) for _, device_id, ts, body in chunk), model=model)
+        read += len(chunk)
+        after = chunk[-1][0]
+
+
+def purge(*, older_than: float) -> None:
+    """Delete the rollups of hours that end at or before ``older_than`` (the hour it falls in stays)."""
+    TelemetryRollup.objects.filter(hour__lt=hour_of(older_than)).delete()
