@@ -11,6 +11,7 @@ import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import Env, database_config, mqtt_url, redis_url
+from gateway.events import GROUP_EXPIRY
 from mqtt_bridge.topics import validate_prefix, validate_shared_group
 
 django_stubs_ext.monkeypatch()  # lets ModelAdmin[Device] and friends be subscripted at run time
@@ -125,6 +126,9 @@ if REDIS_URL:
                 "hosts": [{"address": redis_url(REDIS_URL), "socket_timeout": None}],
                 "capacity": env.int("GATEWAY_LAYER_CAPACITY", 1000, minimum=10),
                 "expiry": 60,
+                # Members renew every GROUP_EXPIRY / 3 (gateway.events.keep_membership); a dead process's hub leaves
+                # after this instead of a day, during which a minute of batches stays queued for it in Redis.
+                "group_expiry": GROUP_EXPIRY,
             },
         }
     }

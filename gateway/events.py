@@ -8,6 +8,8 @@ here, by whoever publishes it; every receiver reuses that text.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any, Final, Literal, NotRequired, TypedDict
@@ -15,6 +17,8 @@ from typing import Any, Final, Literal, NotRequired, TypedDict
 import orjson
 
 from devices.records import EventRecord
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 
@@ -44,6 +48,26 @@ COMMANDS_GROUP = group_name("gateway", "commands")
 """Bridges listen here to be woken when a command is stored; losing a wake-up costs at most a poll interval."""
 
 COMMANDS_WAKE_TYPE: Final = "gateway.commands.wake"
+
+GROUP_EXPIRY: Final = 1800
+"""Seconds a group membership lasts unless renewed (the channel layers' ``group_expiry``; Channels' default is a
+day). A process that goes without leaving its groups (SIGKILL, OOM, a host crash, and any stop of a web process:
+Daphne has no shutdown hook) stays a member that long, and every batch sent meanwhile is also queued for it in Redis
+(up to the layer's expiry or capacity)."""
+
+GROUP_REFRESH: Final = GROUP_EXPIRY / 3
+"""Seconds between renewals of a live member (``keep_membership``): two renewals may fail before it expires."""
+
+
+async def keep_membership(layer: Any, group: str, channel: str, interval: float = GROUP_REFRESH) -> None:
+    """Renew ``channel``'s membership of ``group`` every ``interval`` seconds, for as long as it runs (a task beside
+    the channel's receiver). A failed renewal is logged and tried again at the next interval."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await layer.group_add(group, channel)
+        except Exception as exc:
+            logger.warning("could not renew %s in group %s (%r); trying again in %.0f s", channel, group, exc, interval)
 
 
 class CommandsWake(TypedDict):

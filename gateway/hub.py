@@ -16,12 +16,19 @@ from typing import Any, Protocol
 from devices import selectors
 from gateway import metrics
 from gateway.db import db_call
-from gateway.events import EVENTS_GROUP, EventsMessage, WireEvent, parse_events_message, wire_event
+from gateway.events import (
+    EVENTS_GROUP,
+    GROUP_REFRESH,
+    EventsMessage,
+    WireEvent,
+    keep_membership,
+    parse_events_message,
+    wire_event,
+)
 from gateway.feed import SocketFeed
 
 logger = logging.getLogger(__name__)
 
-GROUP_REFRESH = 600.0  # re-add the hub's channel to the group well within any layer's group expiry
 FILL_MAX = 5000  # most events one catch-up reads from the database; older missing ones become a gap
 RETRY_CAP = 2.0  # longest wait between attempts to rejoin a lost layer: browsers get events again within ~2 s of it
 _MAX_SOURCES = 1000
@@ -188,7 +195,8 @@ class Hub:
                     self.channel_name = await self._layer.new_channel()
                 await self._layer.group_add(EVENTS_GROUP, self.channel_name)
                 await self._order.start()
-                refresher = asyncio.create_task(self._refresh_membership(self.channel_name))
+                membership = keep_membership(self._layer, EVENTS_GROUP, self.channel_name, GROUP_REFRESH)
+                refresher = asyncio.create_task(membership)
                 self.ready.set()
                 delay = 0.5
                 try:
@@ -205,11 +213,6 @@ class Hub:
                 logger.warning("channel layer receive failed (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_CAP)
-
-    async def _refresh_membership(self, channel: str) -> None:
-        while True:
-            await asyncio.sleep(GROUP_REFRESH)
-            await self._layer.group_add(EVENTS_GROUP, channel)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         try:

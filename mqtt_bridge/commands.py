@@ -21,7 +21,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
 from devices.records import CommandToSend, EventRecord
-from gateway.events import COMMANDS_GROUP
+from gateway.events import COMMANDS_GROUP, GROUP_REFRESH, keep_membership
 from mqtt_bridge import metrics
 from mqtt_bridge.client import BrokerUnavailable, MqttClient
 from mqtt_bridge.store import BridgeStore
@@ -76,7 +76,8 @@ class CommandDispatcher:
         self.deadlines: dict[str, float] = {}  # command id -> monotonic deadline, for commands this bridge claimed
 
     async def listen_for_wakeups(self) -> None:
-        """Join the commands group and turn each wake-up message into a claim round."""
+        """Join the commands group (renewing the membership, so only a dead bridge's expires) and turn each wake-up
+        message into a claim round."""
         delay = 0.5
         channel: str | None = None
         while True:
@@ -84,9 +85,13 @@ class CommandDispatcher:
                 if channel is None:
                     channel = await self._layer.new_channel()
                 await self._layer.group_add(COMMANDS_GROUP, channel)
-                while True:
-                    await self._layer.receive(channel)
-                    self._wake.set()
+                renewal = asyncio.create_task(keep_membership(self._layer, COMMANDS_GROUP, channel, GROUP_REFRESH))
+                try:
+                    while True:
+                        await self._layer.receive(channel)
+                        self._wake.set()
+                finally:
+                    renewal.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the poll interval still delivers every command

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import orjson
 import pytest
-from channels.layers import BaseChannelLayer
+import redis
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,9 +22,11 @@ from gateway.events import (
     event_frame,
     gap_frame,
     group_name,
+    keep_membership,
     parse_events_message,
     wire_event,
 )
+from tests.support import require_redis
 
 CHANNELS = BaseChannelLayer()
 
@@ -256,3 +263,50 @@ def good_message(**changes):
 def test_parse_events_message_rejects_malformed_messages(message):
     with pytest.raises(ValueError):
         parse_events_message(message)
+
+
+class FlakyLayer(InMemoryChannelLayer):
+    """Counts membership renewals; the first ``failures`` of them raise."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.renewed = 0
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("layer unavailable")
+        self.renewed += 1
+        await super().group_add(group, channel)
+
+
+async def test_keep_membership_renews_every_interval_and_outlives_a_failed_renewal():
+    layer = FlakyLayer(failures=1)
+    renewal = asyncio.create_task(keep_membership(layer, "g", "c", interval=0.02))
+    await asyncio.sleep(0.2)
+    renewal.cancel()
+    assert layer.failures == 0 and layer.renewed >= 3
+
+
+@pytest.mark.redis
+async def test_on_redis_a_member_that_stopped_renewing_leaves_the_group_and_a_renewed_one_stays():
+    """What the gateway's group expiry is for: a web process that died without leaving (its hub's membership is no
+    longer renewed) drops out of the group, so batches stop being queued for it, while live members stay."""
+    url = require_redis()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    hosts = [{"address": url, "socket_timeout": None}]
+    live_process, dead_process = (RedisChannelLayer(hosts=hosts, prefix=prefix, group_expiry=1) for _ in range(2))
+    live, dead = await live_process.new_channel(), await dead_process.new_channel()
+    await live_process.group_add("g", live)
+    await dead_process.group_add("g", dead)
+    renewal = asyncio.create_task(keep_membership(live_process, "g", live, interval=0.3))
+    try:
+        await asyncio.sleep(2.2)
+        await live_process.group_send("g", {"type": "batch"})
+        assert (await asyncio.wait_for(live_process.receive(live), 5))["type"] == "batch"
+        members = redis.Redis.from_url(url).zrange(f"{prefix}:group:g", 0, -1)
+        assert members == [live.encode()]
+    finally:
+        renewal.cancel()
+        await live_process.flush()

@@ -23,11 +23,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices import services
 from devices.models import Command, Device
 from devices.permissions import access_for
+from gateway.events import COMMANDS_GROUP
 from gateway.routing import build_application
 from mqtt_bridge import metrics
 from mqtt_bridge.bridge import Bridge, BridgeSettings
 from mqtt_bridge.client import MqttClient, MqttConfig
-from mqtt_bridge.commands import CommandSettings
+from mqtt_bridge.commands import CommandDispatcher, CommandSettings
+from mqtt_bridge.store import BridgeStore
+from mqtt_bridge.topics import Topics
 from tests.support import PahoDevice, require_mosquitto
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.django_db(transaction=True)]
@@ -247,3 +250,39 @@ async def test_command_publishing_outlives_a_database_outage(harness, monkeypatc
         assert [f["state"] for f in frames if f["type"] == "command"] == ["pending", "sent", "succeeded"]
     finally:
         await asyncio.to_thread(device.stop)
+
+
+class RenewalsLayer(InMemoryChannelLayer):
+    """Records each group_add (the first joins, the others renew)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds: list[tuple[str, str]] = []
+
+    async def group_add(self, group: str, channel: str) -> None:
+        self.adds.append((group, channel))
+        await super().group_add(group, channel)
+
+
+async def test_the_wake_up_channel_renews_its_group_membership(monkeypatch):
+    """The layer's group expiry drops members that are not renewed (a dead bridge's): a live bridge renews its
+    wake-up channel, or it would stop being woken and wait for the poll."""
+    monkeypatch.setattr("mqtt_bridge.commands.GROUP_REFRESH", 0.02)
+    layer = RenewalsLayer()
+
+    async def announce(events: list[Any]) -> None:
+        return None
+
+    dispatcher = CommandDispatcher(
+        owner="b",
+        store=BridgeStore(auto_register=True, max_devices=10),
+        layer=layer,
+        topics=Topics("devices"),
+        settings=CommandSettings(),
+        announce=announce,
+    )
+    listening = asyncio.create_task(dispatcher.listen_for_wakeups())
+    await asyncio.sleep(0.2)
+    listening.cancel()
+    assert len(layer.adds) >= 4 and {group for group, _ in layer.adds} == {COMMANDS_GROUP}
+    assert len({channel for _, channel in layer.adds}) == 1, "renewals are for the one channel it listens on"
