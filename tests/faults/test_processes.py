@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from devices.services import EVENT_ID_LOCK
+from gateway.events import GROUP_EXPIRY
 from tests.faults.harness import (
     NotifySocket,
     bridge_metric,
@@ -468,7 +469,8 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
 def test_clients_of_a_killed_daphne_resume_elsewhere_with_no_gap_and_no_duplicate(rig: Rig, capsys):
     """Row "Daphne killed with SIGKILL": a client whose Daphne is SIGKILLed mid-stream reconnects to the second
     Daphne and subscribes ``after`` its last id; then that one is killed and the client goes back to the first,
-    restarted. It ends with every stored event exactly once, in strictly increasing id order, no gap frame."""
+    restarted. It ends with every stored event exactly once, in strictly increasing id order, no gap frame; the dead
+    processes' memberships of the events group expire after ``GROUP_EXPIRY``."""
     ports = [free_port(), free_port()]
     metrics_port = free_port()
     daphnes = [rig.daphne(port) for port in ports]
@@ -505,6 +507,10 @@ def test_clients_of_a_killed_daphne_resume_elsewhere_with_no_gap_and_no_duplicat
     finally:
         client.close()
     assert_exactly_once_in_order(client, devices.expected(), rig.database_url)
+    # The killed Daphnes' hubs never left the events group: every batch is queued for them in Redis until their
+    # membership expires, so the layer's group expiry must be short (the group's TTL shows it; Channels' is a day).
+    events_group_ttl = redis.Redis.from_url(rig.redis_url).ttl("asgi:group:gateway.events")
+    assert 0 < events_group_ttl <= GROUP_EXPIRY, f"the events group lives {events_group_ttl} s"
     report(
         capsys,
         f"Daphne SIGKILL: {devices.total} messages, 2 kills; first event on the new socket "
