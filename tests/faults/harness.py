@@ -295,6 +295,9 @@ class PrivatePostgres:
         return self
 
     def start(self) -> None:
+        """Start it (nothing to do when it already answers)."""
+        if self.answers():
+            return
         log = self.directory / "server.log"
         self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", "30", "start")
         wait_for(self.answers, timeout=15, what=f"PostgreSQL on {self.port}")
