@@ -445,6 +445,7 @@ def test_broker_down_at_start_and_for_two_minutes(tmp_path, database, redis_url,
         assert all(process.alive() for process in processes), "a gateway process exited"
         assert_capped_backoff(delays)
         assert_capped_backoff(single_delays)
+        assert delays != single_delays, "two gateways waited alike: no jitter"
         assert all(count is not None and 1 <= count <= 25 for count in reconnects), reconnects
         assert all(seconds < 0.1 * OUTAGE for seconds in cpu.values()), f"CPU seconds during the outage: {cpu}"
 
