@@ -194,8 +194,9 @@ def publish_burst(port: int, topic: str, count: int, qos: int) -> None:
 
 
 class ResumingWatcher(Watcher):
-    """A watcher that does what protocol section 9.4 asks of clients: after a ``gap`` it resumes from before the
-    gap, and when its socket closes it reconnects and subscribes after the highest id it has (dedupe by id).
+    """A watcher that behaves like a client of protocol section 9.4 that keeps history: after a ``gap`` it resumes
+    from before the gap (once per gap: 9.4 also allows reloading state instead), and when its socket closes it
+    reconnects and subscribes after the highest id it has (dedupe by id).
 
     Frames the watcher does not count as events (``gap``, ``error``) stay in ``other``; ``telemetry_at`` keeps when
     each (device, seq) first arrived."""
@@ -204,6 +205,7 @@ class ResumingWatcher(Watcher):
         self.url = f"ws://127.0.0.1:{port}/ws/?token={token}"
         self.telemetry_at: dict[tuple[str, int], float] = {}
         self.reconnects = 0
+        self.resumed_after: set[int] = set()
         super().__init__(port, token)
 
     def run(self) -> None:
@@ -228,7 +230,8 @@ class ResumingWatcher(Watcher):
                         self._record(event)
                     if event.get("type") == "telemetry":
                         self.telemetry_at.setdefault((event["device"], int(event["values"]["v"])), time.monotonic())
-            if frame["type"] == "gap":
+            if frame["type"] == "gap" and frame["from"] - 1 not in self.resumed_after:
+                self.resumed_after.add(frame["from"] - 1)  # once: a capped replay starts with a gap of its own
                 with contextlib.suppress(ConnectionClosed):
                     self.ws.send(json.dumps({"op": "resume", "after": frame["from"] - 1}))
 
