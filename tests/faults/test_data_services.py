@@ -40,6 +40,7 @@ from tests.faults.harness import (
     Watcher,
     bridge_metric,
     fresh_database,
+    fresh_postgres_database,
     operator_token,
     rss_mb,
 )
@@ -52,7 +53,6 @@ from tests.support import (
     http_ok,
     manage,
     require_mosquitto_binary,
-    require_postgres,
     wait_for,
 )
 
@@ -347,7 +347,7 @@ def telemetry_ids(database_url: str) -> set[int]:
 
 @pytest.fixture
 def layer_database() -> Iterator[str]:
-    with fresh_database(require_postgres(), prefix="gateway_faults_redis") as url:
+    with fresh_postgres_database() as url:
         yield url
 
 
