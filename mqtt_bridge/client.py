@@ -228,8 +228,7 @@ class MqttClient:
         fetched when the call is cancelled or times out is kept for the next call, never dropped.
         """
         self._require()
-        if self._stranded and self._pending is None and self._client is not None and self._client._queue.empty():
-            # Everything received before it has been handed out (and stored by the caller): reconnect now.
+        if self._stranded and self._drained():
             raise BrokerUnavailable(
                 f"a QoS 1 message from {self.config.where} was discarded (incoming queue full); reconnecting so "
                 "that the broker redelivers it"
@@ -253,6 +252,19 @@ class MqttClient:
                 batch.append(self._convert(message))
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"connection to {self.config.where} lost: {exc}") from exc
+
+    def _drained(self) -> bool:
+        """Everything received has been handed out (and stored by the caller). A fetch left waiting by an earlier
+        call's linger holds nothing yet: it is cancelled (after a burst the queue stays empty, and a waiting fetch
+        would keep a discarded message stranded for as long as the connection lasts)."""
+        if self._client is None or not self._client._queue.empty():
+            return False
+        if self._pending is not None:
+            if self._pending.done():
+                return False  # it took a message: that one is handed out first
+            self._pending.cancel()
+            self._pending = None
+        return True
 
     async def _next(self, *, within: float | None) -> aiomqtt.Message | None:
         """The next message, or ``None`` after ``within`` seconds. Unlike ``wait_for`` around the iterator, a timeout or

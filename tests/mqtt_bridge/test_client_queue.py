@@ -51,3 +51,21 @@ async def test_a_discarded_qos1_message_makes_the_client_reconnect_once_what_cam
     assert [m.mid for m in batch] == list(range(101))
     with pytest.raises(BrokerUnavailable, match="redelivers"):
         await mqtt.receive_into([], max_items=1000, linger=0)
+
+
+async def test_a_fetch_left_waiting_by_the_linger_does_not_keep_a_discarded_message_stranded():
+    """After a burst the queue stays empty and an earlier call's fetch waits on it: the client still reconnects."""
+    mqtt = client(queue_max=100, receive_maximum=1)
+    mqtt._client = mqtt._build()
+    mqtt._messages = mqtt._client.messages.__aiter__()
+    queue = mqtt._client._queue
+    for mid in range(101):
+        queue.put_nowait(message(qos=1, mid=mid))
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message(qos=1, mid=101))
+    batch: list = []
+    await mqtt.receive_into(batch, max_items=1000, linger=0.01)  # the linger leaves a fetch waiting
+    assert len(batch) == 101 and mqtt._pending is not None
+    with pytest.raises(BrokerUnavailable, match="redelivers"):
+        await mqtt.receive_into([], max_items=1000, linger=0.01, first_within=1)
+    assert mqtt._pending is None
