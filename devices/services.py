@@ -523,11 +523,14 @@ def record_replies(*, replies: Sequence[Reply]) -> ReplyResult:
     return result
 
 
-def expire_commands(*, command_ids: Collection[str] = (), overdue_before: datetime | None = None) -> list[EventRecord]:
+def expire_commands(
+    *, command_ids: Collection[str] = (), overdue_before: datetime | None = None, held: Collection[str] = ()
+) -> list[EventRecord]:
     """Give overdue commands their final state: ``expired`` if never or surely sent without a reply, ``failed``
     with ``outcome_unknown`` if a publish was started but never confirmed (a crash in between).
 
-    ``command_ids`` are overdue by a bridge's monotonic clock; ``overdue_before`` catches the rest by wall clock.
+    ``command_ids`` are overdue by a bridge's monotonic clock; ``overdue_before`` catches the rest by wall clock,
+    except the ``held`` ones (the calling bridge runs their deadlines on its monotonic clock).
     """
     now = timezone.now()
     with transaction.atomic():
@@ -535,7 +538,7 @@ def expire_commands(*, command_ids: Collection[str] = (), overdue_before: dateti
         due = Command.objects.filter(state__in=[Command.State.PENDING, Command.State.SENT])
         selector = Q(id__in=list(command_ids)) if command_ids else Q(pk__in=[])
         if overdue_before is not None:
-            selector |= Q(expires_at__lt=overdue_before)
+            selector |= Q(expires_at__lt=overdue_before) & ~Q(id__in=list(held))
         finished = []
         for command in due.filter(selector):
             if command.state == Command.State.PENDING and command.attempts > 0 and command.sent_at is None:

@@ -171,7 +171,10 @@ class CommandDispatcher:
         now = self._clock()
         due = [command_id for command_id, deadline in self.deadlines.items() if deadline <= now]
         grace = timedelta(seconds=self._settings.lease)
-        events = await self._store.expire_commands(command_ids=due, overdue_before=timezone.now() - grace)
+        # What this bridge holds expires by its monotonic clock only: a wall clock stepped forward (NTP, an operator)
+        # must not expire it early through the catch-all.
+        held = [command_id for command_id in self.deadlines if command_id not in due]
+        events = await self._store.expire_commands(command_ids=due, overdue_before=timezone.now() - grace, held=held)
         for command_id in due:
             self.deadlines.pop(command_id, None)
         if events:

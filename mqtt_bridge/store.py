@@ -55,8 +55,10 @@ class BridgeStore:
     async def release_claim(self, *, command_id: str) -> None:
         await _call(services.release_claim, command_id=command_id)
 
-    async def expire_commands(self, *, command_ids: Collection[str], overdue_before: datetime) -> list[EventRecord]:
-        return await _call(services.expire_commands, command_ids=command_ids, overdue_before=overdue_before)
+    async def expire_commands(
+        self, *, command_ids: Collection[str], overdue_before: datetime, held: Collection[str] = ()
+    ) -> list[EventRecord]:
+        return await _call(services.expire_commands, command_ids=command_ids, overdue_before=overdue_before, held=held)
 
     async def heartbeat(self, *, name: str, connected: bool, detail: str) -> None:
         await _call(services.record_bridge_heartbeat, name=name, connected=connected, detail=detail)

@@ -206,6 +206,14 @@ def test_wall_clock_sweep_catches_orphans(operator, online_device):
     assert [e.body["command_id"] for e in events] == [command.id]
 
 
+def test_wall_clock_sweep_leaves_what_the_calling_bridge_holds(operator, online_device):
+    """A bridge's own commands expire by its monotonic clock: a wall clock stepped forward must not expire them."""
+    held = request(operator, timeout=1).command
+    orphan = request(operator, name="orphan", timeout=1).command
+    events = services.expire_commands(overdue_before=timezone.now() + timedelta(hours=1), held=[held.id])
+    assert [e.body["command_id"] for e in events] == [orphan.id]
+
+
 def test_command_event_and_recent_commands(operator, online_device):
     command = request(operator).command
     services.claim_commands(owner="b", lease=10, limit=10, hold_offline=False)
