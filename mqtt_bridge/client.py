@@ -162,7 +162,7 @@ class MqttClient:
     async def __aenter__(self) -> Self:
         self._client = self._build()
         try:
-            await self._client.__aenter__()
+            await self._connect(self._client)
         except aiomqtt.MqttError as exc:
             self._client = None
             raise BrokerUnavailable(f"cannot connect to {self.config.where}: {exc}") from exc
@@ -171,6 +171,37 @@ class MqttClient:
             raise BrokerUnavailable(f"cannot connect to {self.config.where}: {exc}") from exc
         self._messages = self._client.messages.__aiter__()
         return self
+
+    @staticmethod
+    async def _connect(client: aiomqtt.Client) -> None:
+        """Connect, failing as soon as the connection closes before the broker's CONNACK.
+
+        aiomqtt ignores a disconnect that comes before CONNACK and waits out its whole timeout (10 s), as with a
+        proxy or load balancer that accepts the connection while the broker behind it is down, or a broker at its
+        connection limit: every attempt would cost 10 s, and the bridge would come back that much later.
+        """
+        closed = asyncio.get_running_loop().create_future()
+        on_disconnect = client._client.on_disconnect
+
+        def on_disconnect_before_connack(*args: Any) -> None:
+            if on_disconnect is not None:
+                on_disconnect(*args)
+            if not closed.done():
+                closed.set_result(None)
+
+        client._client.on_disconnect = on_disconnect_before_connack
+        connecting = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.wait({connecting, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            client._client.on_disconnect = on_disconnect
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await connecting
+        if connecting.cancelled():
+            raise aiomqtt.MqttError("the connection closed before the broker acknowledged it (no CONNACK)")
+        connecting.result()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
