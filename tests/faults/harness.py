@@ -361,6 +361,11 @@ class TcpProxy:
         """Stop forwarding on every open connection, leaving its sockets open; returns how many were stalled."""
         return self._call(self._stall())
 
+    def cut(self) -> int:
+        """Close every open connection at both ends, stalled or not (each end sees the other close); returns how
+        many. New connections are still forwarded."""
+        return self._call(self._cut())
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self._call(self._close())
@@ -403,15 +408,20 @@ class TcpProxy:
                 pump.cancel()
         return len(stalled)
 
-    async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for link in self._links:
+    async def _cut(self) -> int:
+        links, self._links = self._links, []
+        open_links = [link for link in links if not all(writer.is_closing() for writer in link.writers)]
+        for link in links:
             for pump in link.pumps:
                 pump.cancel()
             for writer in link.writers:
                 writer.close()
-        self._links.clear()
+        return len(open_links)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._cut()
 
 
 # --- systemd's end of a Type=notify service -------------------------------------------------------------------------

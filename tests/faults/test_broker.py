@@ -320,48 +320,58 @@ def check_everything_once(watcher: Watcher, expected: set[tuple[str, int]], gate
 def test_broker_restart_while_devices_publish_loses_and_repeats_nothing(broker, database, redis_url, capsys):
     """Row "broker restart while devices publish at QoS 1": the bridge reconnects with capped, jittered backoff,
     resubscribes and resumes its persistent session (saved by the broker across the restart), and every stored
-    event reaches a watching WebSocket client once."""
-    gateway = Gateway(database, redis_url, broker.port)
+    event reaches a watching WebSocket client once.
+
+    To show that the session is what carries messages across the restart, the bridge reaches the broker through a
+    proxy that stops forwarding a second before the broker goes down: what the devices publish in that second exists
+    only in the broker's session for the bridge (queued or in flight, never seen by the bridge) when the broker saves
+    it, so it can only arrive through the resumed session."""
+    proxy = TcpProxy(broker.port).start()
+    gateway = Gateway(database, redis_url, proxy.port)
     with contextlib.ExitStack() as stack, explained(gateway):
+        stack.callback(proxy.stop)
         stack.callback(gateway.stop)
         gateway.start()
         token = operator_token(database, "f1")
         gateway.wait_ready()
         watcher = stack.enter_context(watching(gateway.web_port, token))
-        devices = Devices(broker.port, gateway.prefix, count=20, rate=200)
+        devices = Devices(broker.port, gateway.prefix, count=20, rate=200)  # straight to the broker
         devices.start()
         stack.callback(devices.stop)
         wait_for(lambda: len(watcher.telemetry) >= 200, timeout=15, what="telemetry flowing to the WebSocket")
 
-        broker.stop()  # SIGTERM: Mosquitto saves its sessions (and their queues) on the way down
+        assert proxy.stall() == 1, "the bridge's one connection"
+        stalled_at = time.monotonic()
+        time.sleep(1)
+        broker.stop()  # SIGTERM: Mosquitto saves its sessions (with their queued and in-flight messages)
         stopped_at = time.monotonic()
+        only_in_session = sum(1 for at in devices.acknowledged_at[:] if stalled_at <= at < stopped_at)
+        assert proxy.cut() == 1  # the bridge's connection closes, as a direct one would with the broker gone
         wait_for(gateway.disconnected, timeout=10, what="the bridge to notice the broker went away")
         time.sleep(max(0.0, 3.0 - (time.monotonic() - stopped_at)))
         broker.start()
         back_at = time.monotonic()
         wait_for(gateway.connected, timeout=20, interval=0.05, what="the bridge back on the restarted broker")
         reconnected_at = time.monotonic()
-        published_before_back = devices.count()
         time.sleep(2)  # devices keep publishing on the resumed session
         expected = devices.finish()
         check_everything_once(watcher, expected, gateway, within=30)
         complete_at = time.monotonic()
 
-        queued_for_session = sum(1 for at in devices.acknowledged_at[:] if back_at <= at < reconnected_at)
         reconnects = gateway.metric("gateway_mqtt_reconnects_total") or 0
         assert gateway.bridge is not None
         delays = reconnect_delays(gateway.bridge.log())
         assert_capped_backoff(delays)
         assert 1 <= reconnects <= 10, f"{reconnects} reconnects for a 3 s outage"
         assert reconnected_at - back_at <= delays[-1] + 1.5, "not back at its first attempt"
+        assert only_in_session >= 50, f"only {only_in_session} messages published while the proxy held them back"
 
     with capsys.disabled():
         print(
             f"\nbroker restart: down {back_at - stopped_at:.1f} s; bridge connected again "
             f"{reconnected_at - back_at:.2f} s after the broker was back ({reconnects:.0f} failed attempts, waits "
-            f"{delays} s); {queued_for_session} messages acknowledged by the broker before the bridge was back "
-            f"(queued in its resumed session); {len(expected)} messages ({published_before_back} before the bridge "
-            f"was back) all on the WebSocket once, {complete_at - reconnected_at:.1f} s after the reconnect"
+            f"{delays} s); {only_in_session} messages existed only in the bridge's saved session; {len(expected)} "
+            f"messages all on the WebSocket once, {complete_at - reconnected_at:.1f} s after the reconnect"
         )
 
 
