@@ -41,6 +41,7 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_POLICY = 1008  # policy violation: sustained flooding
 CLOSE_TOO_SLOW = 4408  # the client stopped reading what it was sent
+CLOSE_INTERNAL_ERROR = 1011
 MAX_DEVICES_PER_FRAME = 1000
 HUB_READY_TIMEOUT = 5.0
 
@@ -151,16 +152,23 @@ class EventsConsumer(AsyncWebsocketConsumer):
 
     async def _send_feed(self) -> None:
         """Frames from the feed, while the client reads them: while it does not, events wait in the bounded feed
-        (overflow becomes a gap), and a client that reads nothing for ``WS_STALL_TIMEOUT`` seconds is closed."""
+        (overflow becomes a gap), and a client that reads nothing for ``WS_STALL_TIMEOUT`` seconds is closed.
+
+        A frame the server cannot send closes the socket (1011) rather than leave it open with no sender: the client
+        reconnects and resumes instead of waiting forever."""
         assert self.feed is not None and self.gate is not None
-        while True:
-            if not await self.gate.wait_open(settings.GATEWAY["WS_STALL_TIMEOUT"]):
-                metrics.WS_STALLED.inc()
-                await self.close(code=CLOSE_TOO_SLOW)
-                return
-            for text in await self.feed.next_frames():
-                await self.send(text_data=text)
-                metrics.WS_FRAMES.inc()
+        try:
+            while True:
+                if not await self.gate.wait_open(settings.GATEWAY["WS_STALL_TIMEOUT"]):
+                    metrics.WS_STALLED.inc()
+                    await self.close(code=CLOSE_TOO_SLOW)
+                    return
+                for text in await self.feed.next_frames():
+                    await self.send(text_data=text)
+                    metrics.WS_FRAMES.inc()
+        except Exception:
+            logger.exception("WebSocket sender failed; closing the socket (the client resumes)")
+            await self.close(code=CLOSE_INTERNAL_ERROR)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=orjson.dumps(frame).decode())

@@ -16,6 +16,9 @@ from django.test import Client
 from devices import services
 from devices.models import Device, Fleet, FleetAccess
 from devices.records import EventKind, EventRecord, Observation
+from gateway import metrics
+from gateway.backpressure import WriteGate
+from gateway.consumers import EventsConsumer
 from gateway.events import EVENTS_GROUP, EventsPublisher
 from gateway.hub import Hub
 from gateway.routing import build_application
@@ -311,6 +314,40 @@ async def test_a_slow_socket_gets_a_gap_instead_of_unbounded_memory(layer, setti
     assert delivered == [r.id for r in records[:10]]
     assert gaps == [{"type": "gap", "from": records[10].id, "to": records[-1].id}]
     await communicator.disconnect()
+
+
+async def test_a_client_that_reads_nothing_is_closed_with_4408(layer, settings, monkeypatch):
+    """Its transport's send buffer stays full (the gate shut) for GATEWAY_WS_STALL_TIMEOUT: closed, counted."""
+    settings.GATEWAY = {**settings.GATEWAY, "WS_STALL_TIMEOUT": 0.2}
+    shut = WriteGate()
+    shut.pauseProducing()
+    monkeypatch.setattr(WriteGate, "for_send", classmethod(lambda cls, send: shut))
+    before = metrics.WS_STALLED._value.get()
+    _, token = await make_user()
+    communicator = await connect(token)
+    assert (await communicator.receive_json_from())["type"] == "hello"  # control frames do not wait for the gate
+    assert (await communicator.receive_output(timeout=3))["code"] == 4408
+    assert metrics.WS_STALLED._value.get() == before + 1
+
+
+async def test_a_frame_that_cannot_be_sent_closes_the_socket_instead_of_silencing_it(layer, monkeypatch):
+    _, token = await make_user()
+    await store(("a", 0))
+    communicator = await connect(token)
+    await hello_and_subscribe(communicator, {"op": "subscribe", "devices": ["a"]})
+    await communicator.receive_json_from()
+    hub = Hub.for_layer(layer)
+    await hub.ready.wait()
+    original = EventsConsumer.send
+
+    async def refusing(self: EventsConsumer, text_data: str | None = None, **kwargs: Any) -> None:
+        if text_data and '"telemetry"' in text_data:
+            raise ValueError("message too large for the server")  # as Autobahn's PayloadExceededError
+        await original(self, text_data=text_data, **kwargs)
+
+    monkeypatch.setattr(EventsConsumer, "send", refusing)
+    await hub.dispatch(dict(publisher.message(await store(("a", 1)))))
+    assert (await communicator.receive_output(timeout=3))["code"] == 1011
 
 
 async def test_an_after_beyond_the_last_id_does_not_hide_later_events(layer):
