@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,10 +267,6 @@ class Devices(threading.Thread):
         with self._lock:
             self.acknowledged_at.append(time.monotonic())
 
-    def count(self) -> int:
-        with self._lock:
-            return len(self.published)
-
     def all_acknowledged(self) -> bool:
         with self._lock:
             return len(self.acknowledged_at) == len(self.published)
@@ -293,18 +289,15 @@ class Devices(threading.Thread):
         self._clients = []
 
 
-def delivered_exactly(watcher: Watcher, expected: set[tuple[str, int]], database_url: str) -> Callable[[], bool]:
-    """True once the watcher has every expected telemetry message and exactly the ids stored in the database."""
-
-    def done() -> bool:
-        return expected <= watcher.telemetry_seen() and set(watcher.received_ids()) == stored_event_ids(database_url)
-
-    return done
-
-
 def check_everything_once(watcher: Watcher, expected: set[tuple[str, int]], gateway: Gateway, within: float) -> None:
+    """Every message published stored once, and the watcher has every stored event once (and nothing else)."""
+
+    def delivered() -> bool:
+        stored_ids = stored_event_ids(gateway.database_url)
+        return expected <= watcher.telemetry_seen() and set(watcher.received_ids()) == stored_ids
+
     wait_for(
-        delivered_exactly(watcher, expected, gateway.database_url),
+        delivered,
         timeout=within,
         interval=0.2,
         what=f"all {len(expected)} messages stored and on the WebSocket",
