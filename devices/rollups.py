@@ -1,7 +1,7 @@
 """Hourly rollups of numeric telemetry: what makes a year of history about as quick to read as a day.
 
 Every numeric telemetry value stored also counts in its ``(device, metric, hour)`` row of ``TelemetryRollup``: min,
-max, sum and count. Ingest merges a batch's rollups in one statement per 500 rows (``merge``, SQL per database);
+max, sum and count. Ingest merges a batch's rollups in one statement (``merge``, SQL per database);
 ``devices.selectors.telemetry_series`` reads whole hours from them when the buckets asked for are an hour wide or
 more. Data written around ingest (an import, the benchmark's bulk load) gets its rollups from ``rebuild``.
 """
@@ -80,32 +80,45 @@ def of_telemetry(rows: Iterable[tuple[str, float, Mapping[str, Any]]]) -> dict[R
 
 # The two spellings of "the smaller / larger of two values" in an upsert.
 _EXTREMES = {"sqlite": ("MIN", "MAX"), "postgresql": ("LEAST", "GREATEST")}
+_COLUMNS = ("device_id", "metric", "hour", "min", "max", "total", "count")
+_PG_TYPES = ("text", "text", "bigint", "double precision", "double precision", "double precision", "bigint")
 
 
 def merge(stats: Mapping[RollupKey, Stats], *, model: type[Model] = TelemetryRollup) -> None:
-    """Add ``stats`` to the stored rollups: one ``INSERT ... ON CONFLICT DO UPDATE`` per 500 rows, in key order (so
-    that two writers lock rows in the same order). ``model`` is the rollup model (a migration passes its own)."""
+    """Add ``stats`` to the stored rollups with ``INSERT ... ON CONFLICT DO UPDATE``, in key order (so that two
+    writers lock rows in the same order). ``model`` is the rollup model (a migration passes its own).
+
+    PostgreSQL gets one statement whose rows come from ``unnest`` over seven array parameters: the same rows as
+    ``VALUES`` placeholders took twice as long as storing the batch's events (binding 7 parameters per row). SQLite
+    gets ``VALUES``, 500 rows per statement (under its parameter limit), which costs it a few milliseconds.
+    """
     extremes = _EXTREMES.get(connection.vendor)
     if extremes is None:
         raise NotSupportedError(f"rollups are written for SQLite and PostgreSQL, not {connection.vendor}")
+    if not stats:
+        return
     least, greatest = extremes
     quote = connection.ops.quote_name
     table = quote(model._meta.db_table)
-    columns = ["device_id", "metric", "hour", "min", "max", "total", "count"]
-    names = ", ".join(quote(column) for column in columns)
-    low, high, total, count = (quote(column) for column in ("min", "max", "total", "count"))
-    updates = (
+    names = ", ".join(quote(column) for column in _COLUMNS)
+    low, high, total, count = (quote(column) for column in _COLUMNS[3:])
+    upsert = (
+        f"ON CONFLICT ({quote('device_id')}, {quote('metric')}, {quote('hour')}) DO UPDATE SET "
         f"{low} = {least}({table}.{low}, excluded.{low}), {high} = {greatest}({table}.{high}, excluded.{high}), "
         f"{total} = {table}.{total} + excluded.{total}, {count} = {table}.{count} + excluded.{count}"
     )
     rows = [(*key, found.min, found.max, found.total, found.count) for key, found in sorted(stats.items())]
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            arrays = ", ".join(f"%s::{kind}[]" for kind in _PG_TYPES)
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            cursor.execute(f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {upsert}", columns)  # noqa: S608
+            return
         for start in range(0, len(rows), _MERGE_CHUNK):
             chunk = rows[start : start + _MERGE_CHUNK]
             placeholders = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(chunk))
             cursor.execute(
-                f"INSERT INTO {table} ({names}) VALUES {placeholders} "  # noqa: S608 (names from the model)
-                f"ON CONFLICT ({quote('device_id')}, {quote('metric')}, {quote('hour')}) DO UPDATE SET {updates}",
+                f"INSERT INTO {table} ({names}) VALUES {placeholders} {upsert}",  # noqa: S608 (names from the model)
                 [value for row in chunk for value in row],
             )
 

@@ -29,7 +29,7 @@ class Migration(migrations.Migration):
                 ('max', models.FloatField()),
                 ('total', models.FloatField()),
                 ('count', models.BigIntegerField()),
-                ('device', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='rollups', to='devices.device')),
+                ('device', models.ForeignKey(db_constraint=False, db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='rollups', to='devices.device')),
             ],
             options={
                 'indexes': [models.Index(fields=['hour'], name='rollup_hour')],
