@@ -21,7 +21,22 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from mqtt_bridge.ratelimit import RateLimitedLog
+
 logger = logging.getLogger(__name__)
+
+
+class _WithoutDiscardLines(logging.Filter):
+    """aiomqtt logs a line for every message its full queue discards; those are counted and logged here instead,
+    at most once a minute (a burst would otherwise write thousands of lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Message queue is full")
+
+
+# The logger aiomqtt (and paho under it) write to.
+_library_logger = logging.getLogger("mqtt_bridge.aiomqtt")
+_library_logger.addFilter(_WithoutDiscardLines())
 
 
 class MqttError(Exception):
@@ -117,10 +132,17 @@ class MqttClient:
         self._messages: Any = None
         self._pending: asyncio.Future[aiomqtt.Message] | None = None
         self._stranded = False  # a QoS 1 message was discarded: only a new connection gets it redelivered
+        self._discards = RateLimitedLog(logger)
 
     def _dropped(self, qos: int) -> None:
         if self._on_drop is not None:
             self._on_drop()
+        self._discards.warning(
+            "queue_full",
+            "incoming queue of %s full: discarding messages (counted in gateway_mqtt_queue_dropped_total; QoS 1 ones "
+            "are redelivered after a reconnect)",
+            self.config.where,
+        )
         if qos > 0:
             self._stranded = True
 
@@ -148,6 +170,7 @@ class MqttClient:
             keepalive=config.keepalive,
             tls_context=ssl.create_default_context() if config.tls else None,
             queue_type=queue_type,  # bounded by its own rules (see _BoundedQueue), not by a maxsize
+            logger=_library_logger,
             timeout=10,
             # Without it, Nagle's algorithm meets the broker's delayed ACKs and holds small packets (a command, a
             # PUBACK) for ~40 ms: the command round trip measured 96 ms at p50 instead of ~18.

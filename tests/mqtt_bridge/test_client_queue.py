@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiomqtt
+import paho.mqtt.client as paho
 import pytest
 
 from mqtt_bridge.client import BrokerUnavailable, MqttClient, MqttConfig
@@ -69,3 +71,15 @@ async def test_a_fetch_left_waiting_by_the_linger_does_not_keep_a_discarded_mess
     with pytest.raises(BrokerUnavailable, match="redelivers"):
         await mqtt.receive_into([], max_items=1000, linger=0.01, first_within=1)
     assert mqtt._pending is None
+
+
+async def test_a_burst_of_discards_is_logged_once_not_once_per_message(caplog):
+    """aiomqtt's own line per discarded message is filtered out; ours says where and how to see the count."""
+    built = client(queue_max=1, drops=[])._build()
+    for mid in range(50):
+        paho_message = paho.MQTTMessage(mid=mid, topic=b"devices/d/telemetry")
+        paho_message.payload, paho_message.qos = b"{}", 0
+        with caplog.at_level(logging.WARNING):
+            built._on_message(built._client, None, paho_message)  # aiomqtt's callback, as paho calls it
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and "gateway_mqtt_queue_dropped_total" in lines[0] and "127.0.0.1:1" in lines[0], lines
