@@ -9,9 +9,12 @@ in the PostgreSQL pass (production's database).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.faults.harness import fresh_postgres_database
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,3 +28,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.slow)
         if skip:
             item.add_marker(pytest.mark.skip(reason="the fault suite runs once, in the PostgreSQL pass"))
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database of the case's own (whatever the suite's database is); its DATABASE_URL."""
+    with fresh_postgres_database() as url:
+        yield url

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,11 +28,22 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support import ROOT, GatewayProcess, free_port, gateway_env, manage, require_postgres, wait_for
+from tests.support import (
+    ROOT,
+    GatewayProcess,
+    free_port,
+    gateway_env,
+    http_ok,
+    manage,
+    require_postgres,
+    require_redis,
+    wait_for,
+)
 
 T = TypeVar("T")
 
@@ -60,6 +72,13 @@ def fresh_postgres_database() -> Iterator[str]:
         yield url
 
 
+def redis_database(number: int) -> str:
+    """The URL of database ``number`` on the machine's Redis (a test file's own channel layer), emptied."""
+    url = urlsplit(require_redis())._replace(path=f"/{number}").geturl()
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
 def run_manage(database_url: str, *args: str) -> str:
     done = subprocess.run(
         manage(*args), cwd=ROOT, env=gateway_env(DATABASE_URL=database_url), capture_output=True, timeout=120
@@ -73,9 +92,12 @@ def operator_token(database_url: str, username: str = "topology") -> str:
     return run_manage(database_url, "issue_token", username).strip().splitlines()[-1]
 
 
-def stored_event_ids(database_url: str) -> set[int]:
+def stored_event_ids(database_url: str, kind: str | None = None) -> set[int]:
+    """The ids of the stored events (of ``kind`` only, when given)."""
     with psycopg.connect(database_url) as conn:
-        return {row[0] for row in conn.execute("SELECT id FROM devices_event")}
+        if kind is None:
+            return {row[0] for row in conn.execute("SELECT id FROM devices_event")}
+        return {row[0] for row in conn.execute("SELECT id FROM devices_event WHERE kind = %s", [kind])}
 
 
 # --- what a user sees ---------------------------------------------------------------------------------------------
@@ -103,6 +125,110 @@ def rss_mb(process: GatewayProcess) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {process.name}")
+
+
+# --- the gateway under test: one Daphne and one bridge ------------------------------------------------------------
+
+
+@dataclass
+class DaphneAndBridge:
+    """Production on loopback: one Daphne and one ``runbridge`` (MQTT 5) on the given database, Redis and broker,
+    joined by Redis; the bridge serves its metrics on ``metrics_port``. ``extra_env`` are further settings of both."""
+
+    database_url: str
+    redis_url: str
+    mqtt_port: int
+    prefix: str
+    client_id: str = field(default_factory=lambda: f"faults-{uuid.uuid4().hex[:8]}")
+    extra_env: dict[str, str] = field(default_factory=dict)
+    web_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    web: GatewayProcess | None = None
+    bridge: GatewayProcess | None = None
+    retired: list[GatewayProcess] = field(default_factory=list)  # bridges stopped by ``restart_bridge``
+
+    def env(self) -> dict[str, str]:
+        return gateway_env(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            MQTT_URL=f"mqtt://127.0.0.1:{self.mqtt_port}",
+            MQTT_PROTOCOL="5",
+            GATEWAY_TOPIC_PREFIX=self.prefix,
+            GATEWAY_MQTT_CLIENT_ID=self.client_id,
+            GATEWAY_METRICS_BIND=f"127.0.0.1:{self.metrics_port}",
+            **self.extra_env,
+        )
+
+    def start(self) -> DaphneAndBridge:
+        """Start both processes (without waiting for them: see ``wait_ready``)."""
+        daphne = [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.web_port),
+            "config.asgi:application",
+        ]
+        self.web = GatewayProcess(daphne, self.env(), name="daphne").start()
+        self.start_bridge()
+        return self
+
+    def start_bridge(self) -> None:
+        self.bridge = GatewayProcess(manage("runbridge"), self.env(), name="runbridge").start()
+
+    def restart_bridge(self) -> int | None:
+        """SIGTERM the bridge (it stores and acknowledges its batch, then exits) and start a new one; the old exit
+        status."""
+        assert self.bridge is not None
+        status = self.bridge.kill(signal.SIGTERM)
+        self.retired.append(self.bridge)
+        self.start_bridge()
+        return status
+
+    def processes(self) -> list[GatewayProcess]:
+        return [process for process in (self.web, self.bridge) if process is not None]
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A sample of the bridge's metrics; None while they are not served."""
+        return bridge_metric(self.metrics_port, name, **labels)
+
+    def bridge_count(self, name: str, **labels: str) -> float:
+        """A sample of the bridge's metrics; 0 while they are not served."""
+        return self.metric(name, **labels) or 0.0
+
+    def web_count(self, name: str, **labels: str) -> float:
+        """A sample of Daphne's /metrics; 0 while they are not served."""
+        return bridge_metric(self.web_port, name, **labels) or 0.0
+
+    def connected(self) -> bool:
+        return self.metric("gateway_mqtt_connected") == 1
+
+    def disconnected(self) -> bool:
+        return self.metric("gateway_mqtt_connected") == 0
+
+    def wait_ready(self) -> None:
+        """Until Daphne answers /readyz with 200 and the bridge is connected (a process that exits fails it)."""
+
+        def ready() -> bool:
+            assert all(process.alive() for process in self.processes()), self.logs()
+            return http_ok(f"http://127.0.0.1:{self.web_port}/readyz") and self.connected()
+
+        wait_for(ready, timeout=30, interval=0.2, what="Daphne ready and the bridge connected")
+
+    def rss(self) -> tuple[float, float]:
+        """Daphne's and the bridge's RSS, in MiB."""
+        assert self.web is not None and self.bridge is not None
+        return rss_mb(self.web), rss_mb(self.bridge)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for process in self.processes():
+            process.kill(sig)
+
+    def logs(self) -> str:
+        every = [*self.retired, *self.processes()]
+        return "\n".join(f"--- {process.name}\n{process.log()[-6000:]}" for process in every)
 
 
 # --- a watching browser (WebSocket client) ---------------------------------------------------------------------

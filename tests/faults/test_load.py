@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -366,14 +366,19 @@ BURST_DEVICES = 100
 
 def stored_telemetry(database_url: str, devices: list[str]) -> tuple[int, int]:
     """How many telemetry events of ``devices`` are stored, and how many distinct (device, seq) among them."""
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*), count(DISTINCT (device_id, seq)) FROM devices_event "
-            "WHERE kind = 'telemetry' AND device_id = ANY(%s)",
-            [devices],
-        ).fetchone()
-    assert row is not None
+    [row] = query(
+        database_url,
+        "SELECT count(*), count(DISTINCT (device_id, seq)) FROM devices_event "
+        "WHERE kind = 'telemetry' AND device_id = ANY(%s)",
+        devices,
+    )
     return int(row[0]), int(row[1])
+
+
+def query(database_url: str, sql: LiteralString, *params: Any) -> list[tuple[Any, ...]]:
+    """Every row ``sql`` (with ``params``) returns on ``database_url``."""
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 @pytest.fixture
@@ -480,12 +485,11 @@ class Resources:
 
 
 def stored_statuses(database_url: str, device: str) -> list[tuple[int, bool]]:
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT id, (body->>'online')::boolean FROM devices_event WHERE device_id = %s AND kind = 'status' "
-            "ORDER BY id",
-            [device],
-        ).fetchall()
+    rows = query(
+        database_url,
+        "SELECT id, (body->>'online')::boolean FROM devices_event WHERE device_id = %s AND kind = 'status' ORDER BY id",
+        device,
+    )
     return [(int(event_id), bool(online)) for event_id, online in rows]
 
 
@@ -605,12 +609,11 @@ def test_device_clocks_far_off_never_reorder_stored_events(database, token, caps
         publisher.loop_stop()
         received_until = time.time()
         wait_for(lambda: len(watcher.telemetry) == len(sent), timeout=10, what="every message on the client")
-        with psycopg.connect(database) as conn:
-            stored = conn.execute(
-                "SELECT id, seq, device_ts, ts FROM devices_event WHERE device_id = %s AND kind = 'telemetry' "
-                "ORDER BY id",
-                [device],
-            ).fetchall()
+        stored = query(
+            database,
+            "SELECT id, seq, device_ts, ts FROM devices_event WHERE device_id = %s AND kind = 'telemetry' ORDER BY id",
+            device,
+        )
         events = gw.api(f"/api/devices/{device}", token)["events"]
         on_socket = watcher.received_ids()
 

@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -51,10 +50,10 @@ from tests.faults.harness import (
     bridge_metric,
     fresh_postgres_database,
     operator_token,
+    redis_database,
     stored_event_ids,
 )
 from tests.support import (
-    REDIS_TEST_URL,
     ROOT,
     GatewayProcess,
     PahoDevice,
@@ -64,7 +63,6 @@ from tests.support import (
     http_ok,
     manage,
     require_mosquitto_binary,
-    require_redis,
     wait_for,
 )
 
@@ -218,9 +216,7 @@ class Rig:
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     require_mosquitto_binary()
-    require_redis()
-    redis_url = urlsplit(REDIS_TEST_URL)._replace(path=f"/{REDIS_DB}").geturl()
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url = redis_database(REDIS_DB)
     broker = PrivateMosquitto(free_port(), tmp_path).start()
     proxy = HoldingProxy(broker.port)
     with contextlib.ExitStack() as cleanup:
