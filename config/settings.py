@@ -184,6 +184,7 @@ class GatewaySettings(TypedDict):
     COMMANDS_PER_MINUTE: int
     ACCESS_REFRESH: float
     METRICS_BIND: tuple[str, int] | None
+    STOP_TIMEOUT: float
 
 
 # --- MQTT ----------------------------------------------------------------------------------------------------
@@ -257,6 +258,9 @@ GATEWAY: GatewaySettings = {
     "ACCESS_REFRESH": env.float("GATEWAY_ACCESS_REFRESH", 2.0, minimum=0.1),
     # Where runbridge serves its Prometheus metrics (web processes serve theirs at /metrics).
     "METRICS_BIND": env.bind("GATEWAY_METRICS_BIND"),
+    # How long runbridge may take after SIGTERM to store and acknowledge its batch before it gives up and exits 1
+    # (what it had not acknowledged is redelivered); below the unit's TimeoutStopSec (30 s), so it is never SIGKILLed.
+    "STOP_TIMEOUT": env.float("GATEWAY_STOP_TIMEOUT", 20.0, minimum=0.1),
 }
 
 # --- systemd: set by the service manager when runbridge runs as a Type=notify unit with a watchdog -------------

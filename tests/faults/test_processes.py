@@ -889,3 +889,37 @@ def test_sigterm_stores_and_acknowledges_the_batch_in_hand_and_exits_0_in_time(r
         f"answered (the test held it 1 s; "
         f"TimeoutStopSec {stop_timeout():.0f} s); batch in hand ({flushed} messages) stored and acknowledged",
     )
+
+
+def test_sigterm_with_the_database_stuck_gives_up_at_the_stop_timeout_and_loses_nothing(rig: Rig, capsys):
+    """Row "SIGTERM", when the batch cannot be stored: the database does not answer (the test holds the event-id
+    lock throughout), so after ``GATEWAY_STOP_TIMEOUT`` (1 s here, 20 s by default, below TimeoutStopSec) the bridge
+    exits with status 1 instead of waiting to be killed; the next bridge gets the unacknowledged batch redelivered
+    and everything is stored once."""
+    metrics_port = free_port()
+    bridge = rig.bridge(metrics_port, GATEWAY_STOP_TIMEOUT="1")
+    assert bridge.process is not None
+    wait_bridge_connected(rig, bridge, metrics_port)
+    devices = Telemetry(rig.broker.port, rig.prefix, [f"t{n:02d}" for n in range(10)], per_device=30, rate=200)
+    devices.start()
+    try:
+        wait_for(lambda: sum(stored_telemetry(rig.database_url).values()) >= 50, timeout=20, what="batches stored")
+        with event_id_lock(rig.database_url) as someone_waits:
+            wait_for(someone_waits, timeout=10, what="a batch waiting inside its transaction")
+            terminated_at = time.monotonic()
+            bridge.process.send_signal(signal.SIGTERM)
+            code = bridge.process.wait(timeout=10)
+            stopped_after = time.monotonic() - terminated_at
+        assert code == 1, f"exit status {code}"
+        assert "did not stop within 1 s" in bridge.log()
+        bridge = rig.bridge(metrics_port)
+        wait_bridge_connected(rig, bridge, metrics_port)
+        devices.finish()
+        wait_for(
+            lambda: set(stored_telemetry(rig.database_url)) == devices.expected(), timeout=30, what="every message"
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{rig.logs()}") from None
+    assert max(stored_telemetry(rig.database_url).values()) == 1
+    assert stopped_after < 5, f"exited {stopped_after:.2f} s after the signal"
+    report(capsys, f"SIGTERM, database stuck: exit 1 {stopped_after:.2f} s after the signal (stop timeout 1 s)")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 from typing import Any
 
@@ -12,6 +14,8 @@ from mqtt_bridge.bridge import Bridge
 from mqtt_bridge.client import BrokerUnavailable
 from mqtt_bridge.factory import bridge_from_settings
 from mqtt_bridge.systemd import Notifier, ServiceStatus, SystemdSettings, keep_alive
+
+logger = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -50,9 +54,25 @@ class Command(BaseCommand):
             metrics.serve(*bind)
         loop = asyncio.get_running_loop()
 
+        stop_timeout = settings.GATEWAY["STOP_TIMEOUT"]
+
         def stop() -> None:
             notifier.stopping("stopping: storing and acknowledging the current batch")
             bridge.stop()
+            loop.call_later(stop_timeout, give_up)
+
+        def give_up() -> None:
+            # The batch waits on something that does not answer (a database call in a worker thread cannot be
+            # cancelled): leave now, unacknowledged messages go to the next bridge, and the exit status says so.
+            logger.error(
+                "bridge %s did not stop within %g s of the signal (GATEWAY_STOP_TIMEOUT); exiting, its "
+                "unacknowledged messages will be redelivered",
+                bridge.settings.name,
+                stop_timeout,
+            )
+            notifier.close()
+            logging.shutdown()
+            os._exit(1)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
