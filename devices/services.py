@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Field, Q
 from django.utils import timezone
 
@@ -38,6 +38,10 @@ from devices.records import (
 # the fault tests hold it to stop a bridge inside an ingest transaction).
 EVENT_ID_LOCK = 7_349_210_000_001
 _PURGE_CHUNK = 5000
+
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+"""What Django raises when the database is away (down, restarting, the connection lost) rather than refusing a
+statement: the callers wait and retry, or answer "unavailable"."""
 
 
 def lock_event_ids() -> None:

@@ -16,14 +16,13 @@ import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
 
 from devices import selectors
 from devices.identifiers import is_device_id
 from devices.models import Command
 from devices.permissions import DeviceAccess, access_for
 from devices.records import EventRecord
-from devices.services import CommandRefused
+from devices.services import DATABASE_UNAVAILABLE, CommandRefused
 from gateway import commands, metrics
 from gateway.access import AccessWatcher
 from gateway.announce import announce
@@ -260,7 +259,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
             )
         except CommandRefused as exc:
             raise FrameError(exc.code, str(exc)) from None
-        except (OperationalError, InterfaceError):
+        except DATABASE_UNAVAILABLE:
             raise FrameError(
                 "unavailable", "the database is unavailable; try again soon with the same request_id"
             ) from None

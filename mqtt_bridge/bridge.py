@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError
 
 from devices.records import EventKind, EventRecord, IngestResult, Observation, Rejection, Reply
+from devices.services import DATABASE_UNAVAILABLE
 from gateway.events import EVENTS_GROUP, EventsPublisher
 from mqtt_bridge import metrics
 from mqtt_bridge.backoff import Backoff
@@ -392,7 +393,7 @@ class Bridge:
         while True:
             try:
                 outcome = await self._store.replies(replies)
-            except (OperationalError, InterfaceError) as exc:
+            except DATABASE_UNAVAILABLE as exc:
                 metrics.STORE_RETRIES.inc()
                 self._bad_input.warning("database", "database unavailable, %d replies held: %s", len(replies), exc)
                 if self._stopping.is_set():
@@ -418,7 +419,7 @@ class Bridge:
         while True:
             try:
                 return await self._store.ingest(observations)
-            except (OperationalError, InterfaceError) as exc:
+            except DATABASE_UNAVAILABLE as exc:
                 metrics.STORE_RETRIES.inc()
                 self._bad_input.warning(
                     "database", "database unavailable, batch of %d held: %s", len(observations), exc
@@ -427,7 +428,7 @@ class Bridge:
                 logger.warning("batch of %d failed (%s); storing one by one", len(observations), exc)
                 try:
                     return await self._store_one_by_one(observations)
-                except (OperationalError, InterfaceError) as outage:
+                except DATABASE_UNAVAILABLE as outage:
                     metrics.STORE_RETRIES.inc()
                     self._bad_input.warning("database", "database unavailable, batch held: %s", outage)
             if self._stopping.is_set():
@@ -440,7 +441,7 @@ class Bridge:
         for observation in observations:
             try:
                 single = await self._store.ingest([observation])
-            except (OperationalError, InterfaceError):
+            except DATABASE_UNAVAILABLE:
                 raise  # the database went away: the caller holds the whole batch and retries
             except DatabaseError as exc:
                 combined.skip(Rejection.STORE_ERROR)

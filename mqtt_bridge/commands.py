@@ -17,10 +17,11 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError
 from django.utils import timezone
 
 from devices.records import CommandToSend, EventRecord
+from devices.services import DATABASE_UNAVAILABLE
 from gateway.events import COMMANDS_GROUP, GROUP_REFRESH, keep_membership
 from mqtt_bridge import metrics
 from mqtt_bridge.client import BrokerUnavailable, MqttClient
@@ -128,7 +129,7 @@ class CommandDispatcher:
         for command in claimed:
             try:
                 await self._publish(client, command)
-            except (BrokerUnavailable, OperationalError, InterfaceError):
+            except (BrokerUnavailable, *DATABASE_UNAVAILABLE):
                 raise
             except Exception as exc:  # one bad command must never stop the others
                 logger.exception("command %s could not be published", command.id)

@@ -7,13 +7,12 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.cache import never_cache
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
-from devices.services import AccessRefused, CommandRefused
+from devices.services import DATABASE_UNAVAILABLE, AccessRefused, CommandRefused
 
 ERROR_STATUS = {"unknown_device": 404, "unknown_command": 404, "forbidden": 403}
 
@@ -60,7 +59,7 @@ def answer(request: HttpRequest, exc: object) -> HttpResponse:
         exc = refused(exc)
     if isinstance(exc, ApiError):
         return error(exc.status, exc.code, exc.message)
-    if isinstance(exc, OperationalError | InterfaceError):
+    if isinstance(exc, DATABASE_UNAVAILABLE):
         return error(503, "unavailable", "the database is unavailable; try again later (a command: same request_id)")
     if isinstance(exc, ValidationError):
         return error(400, "bad_request", describe_validation(exc.errors))
@@ -80,8 +79,7 @@ HANDLED = (
     ValidationError,
     AuthenticationError,
     HttpError,
-    OperationalError,
-    InterfaceError,
+    *DATABASE_UNAVAILABLE,
 )
 
 
