@@ -46,6 +46,12 @@ class Stats:
         self.total += value
         self.count += 1
 
+    def merge(self, other: Stats) -> None:
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.total += other.total
+        self.count += other.count
+
 
 def hour_of(ts: float) -> int:
     return math.floor(ts / HOUR)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.contrib.auth.models import User
-from django.db.models import BigIntegerField, Count, ExpressionWrapper, F, Max, Min, Q, QuerySet, Sum, Value
+from django.db.models import BigIntegerField, Count, Expression, ExpressionWrapper, F, Max, Min, Q, QuerySet, Sum, Value
 from django.db.models.expressions import OrderBy
 from django.utils import timezone
 
@@ -340,8 +340,9 @@ def telemetry_series(
     return series
 
 
-def _metric_value(metric: str) -> JsonNumber:
-    return JsonNumber("body", ("values", metric))
+def _metric_values(metrics: Sequence[str]) -> dict[str, Expression]:
+    """Each metric's number in a telemetry body, named ``v0``, ``v1``, ... in the order of ``metrics``."""
+    return {f"v{n}": JsonNumber("body", ("values", metric)) for n, metric in enumerate(metrics)}
 
 
 def _bucketed(
@@ -350,7 +351,7 @@ def _bucketed(
     stats = group_stats(
         rows,
         group=BucketIndex("ts", start=start, end=end, buckets=buckets),
-        values={f"v{n}": _metric_value(metric) for n, metric in enumerate(metrics)},
+        values=_metric_values(metrics),
     )
     series = {metric: Series(bucket=width) for metric in metrics}
     for bucket, *values in stats:
@@ -390,13 +391,16 @@ def _hourly(device_id: str, metrics: Sequence[str], *, start: float, end: float,
         (telemetry.filter(ts__gte=start, ts__lt=(first + 1) * rollups.HOUR), 0),
         (telemetry.filter(ts__gte=last * rollups.HOUR, ts__lte=end), (last - first) // hours),
     )
-    values = {f"v{n}": _metric_value(metric) for n, metric in enumerate(metrics)}
+    values = _metric_values(metrics)
     for edge, index in edges:
         for _, *figures in group_stats(edge, group=Value(0), values=values):
             for n, metric in enumerate(metrics):
                 low, high, mean, count = figures[4 * n : 4 * n + 4]
                 if count:
-                    _merge(stats, (metric, index), rollups.Stats(low, high, mean * count, count))
+                    edge_stats = rollups.Stats(low, high, mean * count, count)
+                    found = stats.setdefault((metric, index), edge_stats)
+                    if found is not edge_stats:
+                        found.merge(edge_stats)
     width = hours * rollups.HOUR
     series = {metric: Series(bucket=width) for metric in metrics}
     for (metric, index), found in sorted(stats.items()):
@@ -409,20 +413,10 @@ def _hourly(device_id: str, metrics: Sequence[str], *, start: float, end: float,
     return series
 
 
-def _merge(stats: dict[tuple[str, int], rollups.Stats], key: tuple[str, int], more: rollups.Stats) -> None:
-    found = stats.get(key)
-    if found is None:
-        stats[key] = more
-    else:
-        found.min, found.max = min(found.min, more.min), max(found.max, more.max)
-        found.total += more.total
-        found.count += more.count
-
-
 def _raw(rows: QuerySet[Event], metrics: Sequence[str]) -> dict[str, Series]:
     if not metrics:
         return {}
-    values = {f"v{n}": _metric_value(metric) for n, metric in enumerate(metrics)}
+    values = _metric_values(metrics)
     present = Q()
     for name in values:
         present |= Q(**{f"{name}__isnull": False})
