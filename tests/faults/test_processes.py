@@ -841,6 +841,29 @@ def stop_timeout() -> float:
     return float(found.group(1))
 
 
+def publishing_bridge(
+    rig: Rig, metrics_port: int, *, names: str, per_device: int, stored_first: int, **env: str
+) -> tuple[GatewayProcess, Telemetry]:
+    """A bridge (with ``env``) that 10 devices publish to, once it has stored ``stored_first`` messages."""
+    bridge = rig.bridge(metrics_port, **env)
+    wait_bridge_connected(rig, bridge, metrics_port)
+    devices = Telemetry(rig.broker.port, rig.prefix, [f"{names}{n:02d}" for n in range(10)], per_device, rate=200)
+    devices.start()
+    wait_for(
+        lambda: sum(stored_telemetry(rig.database_url).values()) >= stored_first, timeout=20, what="batches stored"
+    )
+    return bridge, devices
+
+
+def stored_by_the_next_bridge(rig: Rig, metrics_port: int, devices: Telemetry) -> GatewayProcess:
+    """Start the stopped bridge's successor and wait until every message the devices sent is stored."""
+    bridge = rig.bridge(metrics_port)
+    wait_bridge_connected(rig, bridge, metrics_port)
+    devices.finish()
+    wait_for(lambda: set(stored_telemetry(rig.database_url)) == devices.expected(), timeout=30, what="every message")
+    return bridge
+
+
 def test_sigterm_stores_and_acknowledges_the_batch_in_hand_and_exits_0_in_time(rig: Rig, tmp_path, capsys):
     """Row "SIGTERM": while devices publish, the bridge's next batch waits inside its transaction (the test holds
     the event-id lock) and it gets SIGTERM: it says STOPPING=1, keeps the batch until the database answers,
@@ -848,13 +871,11 @@ def test_sigterm_stores_and_acknowledges_the_batch_in_hand_and_exits_0_in_time(r
     message redelivered (``duplicate_seq`` stays 0) and everything is stored once."""
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     metrics_port = free_port()
-    bridge = rig.bridge(metrics_port, NOTIFY_SOCKET=notify.path)
-    assert bridge.process is not None
-    wait_bridge_connected(rig, bridge, metrics_port)
-    devices = Telemetry(rig.broker.port, rig.prefix, [f"s{n:02d}" for n in range(10)], per_device=60, rate=200)
-    devices.start()
     try:
-        wait_for(lambda: sum(stored_telemetry(rig.database_url).values()) >= 100, timeout=20, what="batches stored")
+        bridge, devices = publishing_bridge(
+            rig, metrics_port, names="s", per_device=60, stored_first=100, NOTIFY_SOCKET=notify.path
+        )
+        assert bridge.process is not None
         with event_id_lock(rig.database_url) as someone_waits:
             wait_for(someone_waits, timeout=10, what="a batch waiting inside its transaction")
             before = sum(stored_telemetry(rig.database_url).values())
@@ -870,12 +891,7 @@ def test_sigterm_stores_and_acknowledges_the_batch_in_hand_and_exits_0_in_time(r
         assert code == 0, f"exit status {code}"
         flushed = sum(stored_telemetry(rig.database_url).values()) - before
         assert flushed > 0, "the batch in hand was not stored"
-        bridge = rig.bridge(metrics_port)
-        wait_bridge_connected(rig, bridge, metrics_port)
-        devices.finish()
-        wait_for(
-            lambda: set(stored_telemetry(rig.database_url)) == devices.expected(), timeout=30, what="every message"
-        )
+        stored_by_the_next_bridge(rig, metrics_port, devices)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{rig.logs()}") from None
     finally:
@@ -897,13 +913,11 @@ def test_sigterm_with_the_database_stuck_gives_up_at_the_stop_timeout_and_loses_
     exits with status 1 instead of waiting to be killed; the next bridge gets the unacknowledged batch redelivered
     and everything is stored once."""
     metrics_port = free_port()
-    bridge = rig.bridge(metrics_port, GATEWAY_STOP_TIMEOUT="1")
-    assert bridge.process is not None
-    wait_bridge_connected(rig, bridge, metrics_port)
-    devices = Telemetry(rig.broker.port, rig.prefix, [f"t{n:02d}" for n in range(10)], per_device=30, rate=200)
-    devices.start()
     try:
-        wait_for(lambda: sum(stored_telemetry(rig.database_url).values()) >= 50, timeout=20, what="batches stored")
+        bridge, devices = publishing_bridge(
+            rig, metrics_port, names="t", per_device=30, stored_first=50, GATEWAY_STOP_TIMEOUT="1"
+        )
+        assert bridge.process is not None
         with event_id_lock(rig.database_url) as someone_waits:
             wait_for(someone_waits, timeout=10, what="a batch waiting inside its transaction")
             terminated_at = time.monotonic()
@@ -912,12 +926,7 @@ def test_sigterm_with_the_database_stuck_gives_up_at_the_stop_timeout_and_loses_
             stopped_after = time.monotonic() - terminated_at
         assert code == 1, f"exit status {code}"
         assert "did not stop within 1 s" in bridge.log()
-        bridge = rig.bridge(metrics_port)
-        wait_bridge_connected(rig, bridge, metrics_port)
-        devices.finish()
-        wait_for(
-            lambda: set(stored_telemetry(rig.database_url)) == devices.expected(), timeout=30, what="every message"
-        )
+        stored_by_the_next_bridge(rig, metrics_port, devices)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{rig.logs()}") from None
     assert max(stored_telemetry(rig.database_url).values()) == 1
