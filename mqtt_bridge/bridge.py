@@ -76,7 +76,7 @@ class StatusRole:
             return False
         try:
             held = await self._store.hold_lease(name=STATUS_ROLE, owner=self._owner, ttl=self._ttl)
-        except DatabaseError as exc:
+        except (DatabaseError, *DATABASE_UNAVAILABLE) as exc:
             logger.warning("could not renew the status role: %s", exc)
             return False  # keep what we had: the lease decides again once the database answers
         changed, self.held = held != self.held, held
@@ -85,7 +85,7 @@ class StatusRole:
     async def release(self) -> None:
         if self._contested and self.held:
             self.held = False
-            with contextlib.suppress(DatabaseError):
+            with contextlib.suppress(DatabaseError, *DATABASE_UNAVAILABLE):
                 await self._store.release_lease(name=STATUS_ROLE, owner=self._owner)
 
 

@@ -106,7 +106,7 @@ class CommandDispatcher:
             while True:
                 try:
                     claimed = await self._publish_round(client)
-                except DatabaseError as exc:
+                except (DatabaseError, *DATABASE_UNAVAILABLE) as exc:
                     # The database is away: what was claimed keeps its lease (published again once it lapses, with
                     # the same id), what was not is claimed at a later round. Never let the loop die of it.
                     logger.warning("command publishing waits for the database: %r", exc)

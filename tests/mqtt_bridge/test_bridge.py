@@ -12,9 +12,10 @@ from channels.layers import InMemoryChannelLayer
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from devices.models import BridgeHeartbeat, Device, Event
+from devices.services import DATABASE_UNAVAILABLE
 from gateway.events import EVENTS_GROUP
 from mqtt_bridge import metrics
-from mqtt_bridge.bridge import Bridge, BridgeSettings
+from mqtt_bridge.bridge import Bridge, BridgeSettings, StatusRole
 from mqtt_bridge.client import MqttClient, MqttConfig
 from mqtt_bridge.embedded_broker import EmbeddedBroker
 from tests.support import free_port, require_mosquitto
@@ -152,3 +153,22 @@ async def test_bridge_started_without_a_broker_keeps_trying(prefix):
     assert not task.done() and not bridge.connected and "cannot connect" in bridge.last_error
     bridge.stop()
     await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.parametrize("outage", DATABASE_UNAVAILABLE)
+async def test_the_status_role_keeps_what_it_had_while_the_database_is_away(outage):
+    """A lease renewal that fails because the database is down or its connection lost changes nothing (the lease
+    decides again once it answers); the bridge's loop must not die of it."""
+
+    class AwayStore:
+        async def hold_lease(self, **kwargs: object) -> bool:
+            raise outage("connection refused")
+
+        async def release_lease(self, **kwargs: object) -> None:
+            raise outage("connection refused")
+
+    role = StatusRole(store=AwayStore(), owner="b1", ttl=10, contested=True)  # type: ignore[arg-type]
+    role.held = True
+    assert await role.claim() is False and role.held
+    await role.release()
+    assert not role.held

@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices import services
 from devices.models import Command, Device
 from devices.permissions import access_for
+from devices.services import DATABASE_UNAVAILABLE
 from gateway.events import COMMANDS_GROUP
 from gateway.routing import build_application
 from mqtt_bridge import metrics
@@ -226,10 +227,10 @@ async def test_a_command_left_unconfirmed_by_a_crash_is_published_again_with_the
         await asyncio.to_thread(device.stop)
 
 
-async def test_command_publishing_outlives_a_database_outage(harness, monkeypatch):
-    """The publisher's claim failing (database down) must not end it: a command requested afterwards is published."""
-    from django.db import OperationalError
-
+@pytest.mark.parametrize("outage", DATABASE_UNAVAILABLE)
+async def test_command_publishing_outlives_a_database_outage(harness, monkeypatch, outage):
+    """The publisher's claim failing (database down, or its connection lost) must not end it: a command requested
+    afterwards is published."""
     store = harness.bridge.commands._store
     real_claim = store.claim_commands
     failures = 0
@@ -238,7 +239,7 @@ async def test_command_publishing_outlives_a_database_outage(harness, monkeypatc
         nonlocal failures
         if failures < 3:
             failures += 1
-            raise OperationalError("connection refused")
+            raise outage("connection refused")
         return await real_claim(**kwargs)
 
     monkeypatch.setattr(store, "claim_commands", claim_while_down)
