@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from django.db import NotSupportedError, connection
 from django.db.models import Model, QuerySet
 
@@ -94,8 +95,9 @@ def merge(stats: Mapping[RollupKey, Stats], *, model: type[Model] = TelemetryRol
     """Add ``stats`` to the stored rollups with ``INSERT ... ON CONFLICT DO UPDATE``, in key order (so that two
     writers lock rows in the same order). ``model`` is the rollup model (a migration passes its own).
 
-    PostgreSQL gets one statement whose rows come from ``unnest`` over seven array parameters: the same rows as
-    ``VALUES`` placeholders took twice as long as storing the batch's events (binding 7 parameters per row). SQLite
+    PostgreSQL gets one statement whose rows come from one JSON document (``json_to_recordset``): the same rows as
+    ``VALUES`` placeholders took twice as long as storing the batch's events (binding 7 parameters per row), and as
+    ``unnest`` over seven arrays psycopg still escaped every element in Python. SQLite
     gets ``VALUES``, 500 rows per statement (under its parameter limit), which costs it a few milliseconds.
     """
     extremes = _EXTREMES.get(connection.vendor)
@@ -116,9 +118,13 @@ def merge(stats: Mapping[RollupKey, Stats], *, model: type[Model] = TelemetryRol
     rows = [(*key, found.min, found.max, found.total, found.count) for key, found in sorted(stats.items())]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            arrays = ", ".join(f"%s::{kind}[]" for kind in _PG_TYPES)
-            columns = [list(column) for column in zip(*rows, strict=True)]
-            cursor.execute(f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {upsert}", columns)  # noqa: S608
+            # Rows as JSON arrays (orjson writes the tuples as they are; objects would cost a dict per row).
+            fields = ", ".join(f"(r->>{i})::{kind}" for i, kind in enumerate(_PG_TYPES))
+            cursor.execute(
+                f"INSERT INTO {table} ({names}) SELECT {fields} FROM json_array_elements(%s::json) AS r "  # noqa: S608
+                f"{upsert}",
+                [orjson.dumps(rows).decode()],
+            )
             return
         for start in range(0, len(rows), _MERGE_CHUNK):
             chunk = rows[start : start + _MERGE_CHUNK]

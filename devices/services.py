@@ -10,15 +10,15 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F, Field, Q
+from django.db.models import F, Q
 from django.utils import timezone
 
-from devices import rollups
+from devices import bulk, rollups
 from devices.alerts import alert_events, not_acknowledged, unacknowledged_alerts
 from devices.identifiers import is_command_name, is_device_id
 from devices.models import Acknowledgement, ApiToken, BridgeHeartbeat, Command, Device, Event, Lease
@@ -58,7 +58,8 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
     """Store a batch of observations in one transaction and update each device's presence and latest values.
 
     Auto-registers unknown devices (up to ``max_devices``), drops a ``(device, seq)`` already stored, and records
-    nothing for a status equal to the stored one. Returns the stored events in id order.
+    nothing for a status equal to the stored one. Returns the stored events in id order. The statements are in
+    ``devices.bulk`` (the hot path, written by hand).
     """
     result = IngestResult()
     if not observations:
@@ -66,9 +67,9 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
     with transaction.atomic():
         lock_event_ids()
         devices = _devices_for(observations, auto_register=auto_register, max_devices=max_devices, result=result)
-        seen = _stored_seqs(observations)
-        rows: list[Event] = []
-        changed: dict[str, Device] = {}
+        seen = bulk.stored_seqs(list({(obs.device_id, obs.seq) for obs in observations if obs.seq is not None}))
+        rows: list[bulk.EventRow] = []
+        kinds: list[EventKind] = []
         for obs in observations:
             device = devices.get(obs.device_id)
             if device is None:
@@ -82,86 +83,39 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
             if not _apply(device, obs):
                 result.skip(Rejection.UNCHANGED_STATUS)
                 continue
-            changed[device.id] = device
-            rows.append(
-                Event(
-                    device_id=obs.device_id,
-                    kind=obs.kind.value,
-                    ts=obs.received_at,
-                    device_ts=obs.device_ts,
-                    seq=obs.seq,
-                    body=obs.body,
-                )
-            )
-        Event.objects.bulk_create(rows, batch_size=500)
-        _save_device_state(changed.values())
+            device.changed = True
+            kinds.append(obs.kind)
+            rows.append(bulk.EventRow(obs.device_id, obs.kind.value, obs.received_at, obs.device_ts, obs.seq, obs.body))
+        ids = bulk.insert_events(rows)
+        bulk.save_device_states(device for device in devices.values() if device.changed)
         telemetry = EventKind.TELEMETRY.value
         rollups.merge(rollups.of_telemetry((row.device_id, row.ts, row.body) for row in rows if row.kind == telemetry))
     result.stored = [
-        EventRecord(
-            id=row.id,
-            device_id=row.device_id,
-            kind=EventKind(row.kind),
-            ts=row.ts,
-            body=row.body,
-            device_ts=row.device_ts,
-        )
-        for row in rows
+        EventRecord(id=id_, device_id=row.device_id, kind=kind, ts=row.ts, body=row.body, device_ts=row.device_ts)
+        for id_, row, kind in zip(ids, rows, kinds, strict=True)
     ]
     return result
 
 
 def _devices_for(
     observations: Sequence[Observation], *, auto_register: bool, max_devices: int, result: IngestResult
-) -> dict[str, Device]:
+) -> dict[str, bulk.DeviceState]:
     wanted = list(dict.fromkeys(obs.device_id for obs in observations))
-    devices = {device.id: device for device in Device.objects.filter(id__in=wanted)}
+    devices = bulk.device_states(wanted)
     missing = [device_id for device_id in wanted if device_id not in devices]
     if missing and auto_register:
         room = max(0, max_devices - Device.objects.count())
         new = [Device(id=device_id) for device_id in missing[:room]]
         Device.objects.bulk_create(new)
         for device in new:
-            devices[device.id] = device
+            devices[device.id] = bulk.DeviceState(
+                id=device.id, online=False, status_changed_at=None, last_seen=None, latest={}, latest_ts=None
+            )
         result.registered = [device.id for device in new]
     return devices
 
 
-_DEVICE_STATE_FIELDS = ("last_seen", "online", "status_changed_at", "latest", "latest_ts")
-
-
-def _save_device_state(devices: Iterable[Device]) -> None:
-    """One prepared UPDATE run for every changed device (``bulk_update`` builds a CASE per field and row, which
-    cost more than everything else in ingest)."""
-    fields = [cast("Field[Any, Any]", Device._meta.get_field(name)) for name in _DEVICE_STATE_FIELDS]
-    table = connection.ops.quote_name(Device._meta.db_table)
-    assignments = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in fields)
-    params = [
-        [f.get_db_prep_save(getattr(device, f.attname), connection) for f in fields] + [device.id] for device in devices
-    ]
-    if params:
-        with connection.cursor() as cursor:
-            cursor.executemany(f"UPDATE {table} SET {assignments} WHERE {connection.ops.quote_name('id')} = %s", params)  # noqa: S608 (names from the model, values as parameters)
-
-
-def _stored_seqs(observations: Sequence[Observation]) -> set[tuple[str, int]]:
-    """Which ``(device, seq)`` pairs of the batch are already stored (one indexed row-value lookup)."""
-    pairs = list({(obs.device_id, obs.seq) for obs in observations if obs.seq is not None})
-    if not pairs:
-        return set()
-    found: set[tuple[str, int]] = set()
-    table = connection.ops.quote_name(Event._meta.db_table)
-    for start in range(0, len(pairs), 400):
-        chunk = pairs[start : start + 400]
-        values = ", ".join(["(%s, %s)"] * len(chunk))
-        query = f"SELECT device_id, seq FROM {table} WHERE (device_id, seq) IN (VALUES {values})"  # noqa: S608
-        with connection.cursor() as cursor:
-            cursor.execute(query, [item for pair in chunk for item in pair])
-            found.update((device_id, seq) for device_id, seq in cursor.fetchall())
-    return found
-
-
-def _apply(device: Device, obs: Observation) -> bool:
+def _apply(device: bulk.DeviceState, obs: Observation) -> bool:
     """Fold one observation into the device's state; False when it changes nothing worth storing."""
     at = datetime.fromtimestamp(obs.received_at, tz=UTC)
     if obs.kind is EventKind.STATUS:
@@ -175,9 +129,7 @@ def _apply(device: Device, obs: Observation) -> bool:
         return True
     device.last_seen = at
     if obs.kind is EventKind.TELEMETRY:
-        latest: dict[str, Any] = dict(device.latest or {})
-        latest.update(obs.body["values"])
-        device.latest = latest
+        device.latest.update(obs.body["values"])
         device.latest_ts = obs.received_at
     return True
 
