@@ -71,7 +71,7 @@ def test_bulk_reads_handle_every_packet_of_one_read_and_wait_for_the_rest_of_a_s
         return recv(size)
 
     client._sock_recv = counted  # type: ignore[method-assign,assignment]
-    wrapper._read_in_bulk(client)
+    wrapper._use_fast_paths(client)
     packets = [publish_packet(f"p/d{n}/telemetry", b'{"n":%d}' % n, mid=n + 1, properties=None) for n in range(4)]
     stream = b"".join(packets)
     split = len(stream) - 5
