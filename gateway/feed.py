@@ -64,6 +64,23 @@ class SocketFeed:
         if not self._held:
             self._ready.set()
 
+    def push_many(self, events: list[WireEvent]) -> None:
+        """``push`` each of ``events`` (in id order); one call per batch, not per event, when nothing stands in the
+        way (no replay floor, room for all of them)."""
+        if (
+            self._floor_all == 0
+            and not self._floors
+            and self._events - self._replay_left + len(events) <= self._max
+            and events
+        ):
+            self._items.extend(events)
+            self._events += len(events)
+            if not self._held:
+                self._ready.set()
+            return
+        for event in events:
+            self.push(event)
+
     def gap(self, first: int, last: int) -> None:
         """Mark ids ``first..last`` as missed (for example lost in the channel layer)."""
         self._add_gap(first, last)

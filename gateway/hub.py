@@ -230,16 +230,25 @@ class Hub:
         self._route(events)
 
     def _route(self, events: list[WireEvent]) -> None:
-        wildcard, by_device = self._wildcard, self._by_device
-        for event in events:
-            device_id = event["device"]
-            targets = by_device.get(device_id)
-            if targets:
-                for feed in targets:
-                    feed.push(event)
-            for feed in wildcard:
-                if feed.access.can_view(device_id) and (targets is None or feed not in targets):
-                    feed.push(event)
+        """Push each event to the sockets that want it, in id order. A socket subscribed to every device and to no
+        device by name gets the batch in one call (less what it can't see); the others, event by event."""
+        by_device = self._by_device
+        mixed = [feed for feed in self._wildcard if feed.devices]
+        if by_device or mixed:
+            for event in events:
+                device_id = event["device"]
+                targets = by_device.get(device_id)
+                if targets:
+                    for feed in targets:
+                        feed.push(event)
+                for feed in mixed:
+                    if feed.access.can_view(device_id) and (targets is None or feed not in targets):
+                        feed.push(event)
+        for feed in self._wildcard:
+            if feed.devices:
+                continue
+            access = feed.access
+            feed.push_many(events if access.everything else [e for e in events if access.can_view(e["device"])])
 
     def _count_losses(self, batch: EventsMessage) -> None:
         """Count batches lost in the layer, by each source's sequence (``IdOrder`` recovers their events)."""

@@ -143,6 +143,17 @@ async def test_a_feed_subscribed_by_device_and_wildcard_gets_each_event_once(hub
     assert await drain(socket_feed) == [("events", [1, 2])]
 
 
+async def test_a_feed_subscribed_by_device_and_wildcard_gets_events_in_id_order(hub):
+    publisher = EventsPublisher("bridge")
+    mixed, wildcard = new_feed(hub), new_feed(hub)
+    hub.subscribe(mixed, {"s2"})
+    hub.subscribe(mixed, None)
+    hub.subscribe(wildcard, None)
+    await hub.dispatch(batch(publisher, (1, "s1"), (2, "s2"), (3, "s1"), (4, "s2")))
+    assert await drain(mixed) == [("events", [1, 2, 3, 4])]
+    assert await drain(wildcard) == [("events", [1, 2, 3, 4])]
+
+
 async def test_another_wildcard_feed_still_gets_a_device_someone_subscribed_to(hub):
     publisher = EventsPublisher("bridge")
     by_device, wildcard = new_feed(hub), new_feed(hub)
