@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from devices import bulk
 from devices.models import Device, Event
@@ -68,3 +69,16 @@ def test_postgres_leaves_room_on_the_pages_ingest_updates():
         )
         options = dict(cursor.fetchall())
     assert options == {"devices_device": ["fillfactor=50"], "devices_telemetryrollup": ["fillfactor=50"]}
+
+
+def test_the_sqlite_seq_lookup_searches_the_index_instead_of_scanning_the_table():
+    if connection.vendor != "sqlite":
+        pytest.skip("a SQLite query plan")
+    Device.objects.create(id="a")
+    with CaptureQueriesContext(connection) as captured:
+        bulk.stored_seqs([("a", 1), ("a", 2)])
+    (query,) = captured.captured_queries
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {query['sql']}")
+        plan = " / ".join(row[-1] for row in cursor.fetchall())
+    assert "SEARCH e USING COVERING INDEX event_unique_device_seq" in plan and "SCAN devices_event" not in plan, plan
