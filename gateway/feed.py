@@ -20,6 +20,24 @@ class Gap:
     last: int
 
 
+class Chunk:
+    """A batch of events pushed to several sockets at once (the hub's dispatch to sockets of every device): its
+    batch frame is joined once, by the first socket that sends it whole, and reused by the others. A socket that is
+    keeping up sends each chunk whole; one that is behind merges what it has queued into fuller frames instead."""
+
+    __slots__ = ("_frame", "chars", "events")
+
+    def __init__(self, events: list[WireEvent]) -> None:
+        self.events = events
+        self.chars = BATCH_OVERHEAD + sum(len(event["frame"]) + 1 for event in events)
+        self._frame: str | None = None
+
+    def frame(self) -> str:
+        if self._frame is None:
+            self._frame = batch_frame([event["frame"] for event in self.events])
+        return self._frame
+
+
 class SocketFeed:
     """What the hub pushes to one socket; the socket's sender task takes frames from it.
 
@@ -37,7 +55,7 @@ class SocketFeed:
         self._max = max_events
         self._frame_events = frame_events
         self._frame_chars = frame_chars
-        self._items: deque[WireEvent | Gap] = deque()
+        self._items: deque[WireEvent | Gap | Chunk] = deque()
         self._events = 0
         self._replay_left = 0  # replayed events still queued: they do not count against the live bound
         # After a replay, ids at or below its cutoff were replayed (or reported as a gap): a late announcement of
@@ -64,22 +82,34 @@ class SocketFeed:
         if not self._held:
             self._ready.set()
 
-    def push_many(self, events: list[WireEvent]) -> None:
-        """``push`` each of ``events`` (in id order); one call per batch, not per event, when nothing stands in the
-        way (no replay floor, room for all of them)."""
-        if (
-            self._floor_all == 0
-            and not self._floors
-            and self._events - self._replay_left + len(events) <= self._max
-            and events
-        ):
-            self._items.extend(events)
-            self._events += len(events)
+    def push_many(self, events: list[WireEvent] | Chunk) -> None:
+        """``push`` each of ``events`` (in id order). A ``Chunk`` is queued whole when nothing stands in the way
+        (no replay floor, room for all of it), and then sent as one frame that other sockets share."""
+        chunk = events if isinstance(events, Chunk) else None
+        items: list[WireEvent] = events.events if isinstance(events, Chunk) else events
+        if not items:
+            return
+        if self._floor_all == 0 and not self._floors and self._events - self._replay_left + len(items) <= self._max:
+            if chunk is not None:
+                self._items.append(chunk)
+            else:
+                self._items.extend(items)
+            self._events += len(items)
             if not self._held:
                 self._ready.set()
             return
-        for event in events:
+        for event in items:
             self.push(event)
+
+    def _spread(self) -> list[WireEvent | Gap]:
+        """The queue, chunks spread into their events (to filter or re-order it)."""
+        spread: list[WireEvent | Gap] = []
+        for item in self._items:
+            if isinstance(item, Chunk):
+                spread.extend(item.events)
+            else:
+                spread.append(item)
+        return spread
 
     def gap(self, first: int, last: int) -> None:
         """Mark ids ``first..last`` as missed (for example lost in the channel layer)."""
@@ -102,7 +132,7 @@ class SocketFeed:
     def forget(self, keep: Callable[[str], bool]) -> int:
         """Drop queued events whose device ``keep`` refuses (access was withdrawn); returns how many."""
         before = self._events
-        self._items = deque(item for item in self._items if isinstance(item, Gap) or keep(item["device"]))
+        self._items = deque(item for item in self._spread() if isinstance(item, Gap) or keep(item["device"]))
         self._events = sum(1 for item in self._items if not isinstance(item, Gap))
         self._replay_left = min(self._replay_left, self._events)
         return before - self._events
@@ -124,12 +154,12 @@ class SocketFeed:
         is already in the replay (ids become visible in order), so it goes; and so does one pushed later (an event
         committed before the replay's query can be announced after this release).
         """
-        head: list[WireEvent | Gap] = [Gap(*gap)] if gap else []
+        head: list[WireEvent | Gap | Chunk] = [Gap(*gap)] if gap else []
         head.extend(replay)
         self._replay_left += len(head) - (1 if gap else 0)
-        kept = [
+        kept: list[WireEvent | Gap | Chunk] = [
             item
-            for item in self._items
+            for item in self._spread()
             if isinstance(item, Gap)
             or item["id"] > cutoff
             or (replayed_devices is not None and item["device"] not in replayed_devices)
@@ -161,6 +191,18 @@ class SocketFeed:
         taken = 0
         while self._items and taken < self._frame_events:
             item = self._items.popleft()
+            if isinstance(item, Chunk):
+                count = len(item.events)
+                alone = not batch and (not self._items or isinstance(self._items[0], Gap))
+                if alone and taken + count <= self._frame_events and item.chars <= self._frame_chars:
+                    frames.append(item.frame())  # whole: the frame other sockets send too
+                    self._events -= count
+                    self._replay_left = max(0, self._replay_left - count)
+                    taken += count
+                    continue
+                # Behind other events, or too big for one frame: event by event (fewer frames for a lagging socket).
+                self._items.extendleft(reversed(item.events))
+                continue
             full = not isinstance(item, Gap) and size + len(item["frame"]) + 1 > self._frame_chars
             if batch and (isinstance(item, Gap) or full):
                 frames.append(batch_frame(batch))

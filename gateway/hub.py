@@ -25,7 +25,7 @@ from gateway.events import (
     parse_events_message,
     wire_event,
 )
-from gateway.feed import SocketFeed
+from gateway.feed import Chunk, SocketFeed
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ class Hub:
 
     def _route(self, events: list[WireEvent]) -> None:
         """Push each event to the sockets that want it, in id order. A socket subscribed to every device and to no
-        device by name gets the batch in one call (less what it can't see); the others, event by event."""
+        device by name gets the batch in one call, as a ``Chunk`` shared by all such sockets that may see every
+        device (its frame is joined once); the others, event by event."""
         by_device = self._by_device
         mixed = [feed for feed in self._wildcard if feed.devices]
         if by_device or mixed:
@@ -244,11 +245,16 @@ class Hub:
                 for feed in mixed:
                     if feed.access.can_view(device_id) and (targets is None or feed not in targets):
                         feed.push(event)
+        shared: Chunk | None = None
         for feed in self._wildcard:
             if feed.devices:
                 continue
             access = feed.access
-            feed.push_many(events if access.everything else [e for e in events if access.can_view(e["device"])])
+            if access.everything:
+                shared = shared or Chunk(events)
+                feed.push_many(shared)
+            else:
+                feed.push_many(Chunk([e for e in events if access.can_view(e["device"])]))
 
     def _count_losses(self, batch: EventsMessage) -> None:
         """Count batches lost in the layer, by each source's sequence (``IdOrder`` recovers their events)."""

@@ -9,7 +9,7 @@ import pytest
 
 from devices.permissions import DeviceAccess
 from gateway.events import WireEvent
-from gateway.feed import SocketFeed
+from gateway.feed import Chunk, SocketFeed
 
 EVERYTHING = DeviceAccess(everything=True)
 
@@ -336,3 +336,37 @@ async def test_push_many_skips_what_a_replay_already_sent():
     socket_feed.release(replay=[wired(1), wired(2)], replayed_devices=None, cutoff=2)
     socket_feed.push_many([wired(2), wired(3)])
     assert await take(socket_feed) == [("events", [1, 2, 3])]
+
+
+async def test_a_chunk_is_one_frame_joined_once_for_every_socket_it_reaches():
+    first, second = feed(frame_events=10), feed(frame_events=10)
+    chunk = Chunk([wired(n) for n in range(1, 5)])
+    first.push_many(chunk)
+    second.push_many(chunk)
+    (one,) = await asyncio.wait_for(first.next_frames(), 1)
+    (other,) = await asyncio.wait_for(second.next_frames(), 1)
+    assert one is other and describe(one) == ("events", [1, 2, 3, 4])
+
+
+async def test_a_chunk_larger_than_a_frame_or_behind_other_events_is_sent_event_by_event():
+    small = feed(frame_events=3)
+    small.push_many(Chunk([wired(n) for n in range(1, 8)]))
+    assert await take(small) == [("events", [1, 2, 3])]
+    assert await take(small) == [("events", [4, 5, 6])]
+    assert await take(small) == [("events", [7])]
+    behind = feed(frame_events=10)
+    behind.push(wired(1))
+    behind.push_many(Chunk([wired(2), wired(3)]))
+    behind.gap(4, 4)
+    behind.push_many(Chunk([wired(5)]))
+    assert await take(behind) == [("events", [1, 2, 3]), ("gap", 4, 4), ("events", [5])]
+
+
+async def test_queued_chunks_are_filtered_by_forget_and_release_like_single_events():
+    socket_feed = feed()
+    socket_feed.push_many(Chunk([wired(1, "a"), wired(2, "b"), wired(3, "a")]))
+    assert socket_feed.forget(lambda device: device == "a") == 1
+    socket_feed.hold()
+    socket_feed.push_many(Chunk([wired(4, "a")]))
+    socket_feed.release(replay=[wired(3, "a")], replayed_devices={"a"}, cutoff=3)
+    assert await take(socket_feed) == [("events", [3, 4])]
