@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -359,6 +360,7 @@ class Bridge:
     def _decode(self, batch: Sequence[InboundMessage]) -> tuple[list[Observation], list[Reply]]:
         observations: list[Observation] = []
         replies: list[Reply] = []
+        kinds: Counter[str] = Counter()  # counted once per batch, not once per message
         for message in batch:
             try:
                 observation = self._decoder.decode(message)
@@ -374,15 +376,17 @@ class Bridge:
                 )
                 continue
             if isinstance(observation, Reply):
-                metrics.MESSAGES_IN.labels("reply").inc()
+                kinds["reply"] += 1
                 replies.append(observation)
             elif observation.kind is EventKind.STATUS and not self.status_role.held:
                 # Queued in this bridge's session while it held the role; the holder has the retained state.
-                metrics.MESSAGES_IN.labels(observation.kind.value).inc()
+                kinds[observation.kind.value] += 1
                 metrics.SKIPPED.labels("not_presence_holder").inc()
             else:
-                metrics.MESSAGES_IN.labels(observation.kind.value).inc()
+                kinds[observation.kind.value] += 1
                 observations.append(observation)
+        for kind, count in kinds.items():
+            metrics.MESSAGES_IN.labels(kind).inc(count)
         return observations, replies
 
     async def _store_replies(self, replies: list[Reply]) -> list[EventRecord] | None:
