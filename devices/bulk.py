@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -32,7 +32,11 @@ class DeviceState:
     last_seen: datetime | None
     latest: dict[str, Any]
     latest_ts: float | None
+    seen: float | None = None  # a newer last_seen, as unix time: made a datetime once per device, when saved
     changed: bool = field(default=False, compare=False)
+
+    def last_seen_now(self) -> datetime | None:
+        return self.last_seen if self.seen is None else datetime.fromtimestamp(self.seen, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +134,7 @@ def save_device_states(states: Iterable[DeviceState]) -> None:
         records = [
             {
                 "id": s.id,
-                "last_seen": s.last_seen,
+                "last_seen": s.last_seen_now(),
                 "online": s.online,
                 "status_changed_at": s.status_changed_at,
                 "latest": s.latest,
@@ -149,7 +153,8 @@ def save_device_states(states: Iterable[DeviceState]) -> None:
         return
     adapt = connection.ops.adapt_datetimefield_value
     params = [
-        [adapt(s.last_seen), s.online, adapt(s.status_changed_at), _json(s.latest), s.latest_ts, s.id] for s in states
+        [adapt(s.last_seen_now()), s.online, adapt(s.status_changed_at), _json(s.latest), s.latest_ts, s.id]
+        for s in states
     ]
     if params:
         with connection.cursor() as cursor:

@@ -117,17 +117,16 @@ def _devices_for(
 
 def _apply(device: bulk.DeviceState, obs: Observation) -> bool:
     """Fold one observation into the device's state; False when it changes nothing worth storing."""
-    at = datetime.fromtimestamp(obs.received_at, tz=UTC)
     if obs.kind is EventKind.STATUS:
         online = bool(obs.body["online"])
         if device.online == online and device.status_changed_at is not None:
             return False
         device.online = online
-        device.status_changed_at = at
+        device.status_changed_at = datetime.fromtimestamp(obs.received_at, tz=UTC)
         if online:
-            device.last_seen = at
+            device.seen = obs.received_at
         return True
-    device.last_seen = at
+    device.seen = obs.received_at
     if obs.kind is EventKind.TELEMETRY:
         device.latest.update(obs.body["values"])
         device.latest_ts = obs.received_at
