@@ -10,10 +10,11 @@ command at once on ``bench/bench-dev/replies``; the client waits for the ``succe
 
 and two modes per case: ``sequential`` (send, wait for ``succeeded``, send the next) and ``concurrent``
 (``--concurrency`` commands in flight). Each case gets its own Mosquitto, SQLite database and (Redis) a flushed
-Redis db 14, started and stopped with the helpers of ``mqtt_to_ws.py``. See bench/README.md.
+Redis db (``--redis-db``, default 14), started and stopped with the helpers of ``mqtt_to_ws.py``. See
+bench/README.md.
 
     python bench/command_rtt.py [--commands N] [--concurrency C] [--layers memory,redis] [--quick]
-                                [--profile SECONDS] [--keep]
+                                [--profile SECONDS] [--keep] [--redis-db DB] [--rows FILE]
                                 [--nodelay off|broker|all] [--gateway-env NAME=VALUE ...]   # diagnostics
 """
 
@@ -42,7 +43,6 @@ from mqtt_to_ws import (
     Profiler,
     cpu_report,
     cpu_seconds,
-    flush_redis,
     free_port,
     gateway_env,
     log_problems,
@@ -55,6 +55,7 @@ from mqtt_to_ws import (
     versions,
     wait_ready,
 )
+from rows import Row, write_rows
 
 SCRIPT = str(Path(__file__).resolve())
 RESULT_FILE = RESULTS_DIR / "command_rtt.json"
@@ -595,7 +596,8 @@ async def case_gateway(args: argparse.Namespace, layer: str, workdir: Path) -> C
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [nodelay_site(workdir), env.get("PYTHONPATH")]))
             device_env = {**os.environ, "PYTHONPATH": env["PYTHONPATH"]}
         if layer == "redis":
-            flush_redis()
+            env["REDIS_URL"] = redis_url(args.redis_db)
+            flush_redis_db(args.redis_db)
         token = await asyncio.to_thread(prepare_database, env)
         web_port = free_port()
         if layer == "memory":
@@ -687,6 +689,20 @@ async def case_gateway(args: argparse.Namespace, layer: str, workdir: Path) -> C
         result.exit_codes = {proc.name: proc.returncode for proc in procs.items}
         result.log_problems = {p.name: found for p in procs.items if (found := log_problems(p))}
     return result
+
+
+def redis_url(db: int) -> str:
+    return f"redis://127.0.0.1:6379/{db}"
+
+
+def flush_redis_db(db: int) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url(db))
+    try:
+        client.flushdb()
+    finally:
+        client.close()
 
 
 NODELAY_SITE = '''"""From bench/command_rtt.py --nodelay all: TCP_NODELAY on the TCP connections this process opens."""
@@ -924,6 +940,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="diagnostic: set this in the gateway's environment (repeatable), e.g. GATEWAY_BATCH_LINGER_MS=0",
     )
+    parser.add_argument("--redis-db", type=int, default=14, help="Redis db of the redis case (FLUSHED; default 14)")
+    parser.add_argument("--rows", default=None, metavar="FILE", help="also write the harness's rows (bench/rows.py)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
     args = parser.parse_args(argv)
     if args.commands is None:
@@ -957,6 +975,60 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> list[CaseResult]:
         print(f"  done in {time.monotonic() - started:.1f} s", flush=True)
         results.append(result)
     return results
+
+
+def row_case(layer: str, mode: str, concurrency: int) -> str:
+    return f"{layer} sequential" if mode == "sequential" else f"{layer}, {concurrency} in flight"
+
+
+def to_rows(results: list[CaseResult], args: argparse.Namespace, cpu: dict[str, Any]) -> list[Row]:
+    """The harness's rows (bench/rows.py): one per layer and mode, in the "commands" section."""
+    rows: list[Row] = []
+    diagnostic = args.nodelay != "broker" or bool(args.gateway_env)
+    for case in results:
+        if case.error and not case.modes:
+            for mode, concurrency in (("sequential", 1), ("concurrent", args.concurrency)):
+                rows.append(
+                    Row(
+                        section="commands",
+                        case=row_case(case.layer, mode, concurrency),
+                        notes=notes([case]),
+                        error=case.error,
+                    )
+                )
+            continue
+        for m in case.modes:
+            notes_: list[str] = []
+            if m.mode == "sequential" and m.rtt_ms.get("p99") is not None:
+                p99 = m.rtt_ms["p99"]
+                assert p99 is not None
+                verdict = "meets" if p99 < TARGET_P99_MS else "MISSES"
+                notes_.append(f"p99 {p99:.1f} ms {verdict} the target (p99 < {TARGET_P99_MS:.0f} ms)")
+            if m.failure_kinds:
+                notes_.append(f"failures: {m.failure_kinds}")
+            if m.anomalies:
+                notes_.append(f"anomalies: {m.anomalies}")
+            if diagnostic:
+                notes_.append(f"DIAGNOSTIC run: --nodelay {args.nodelay}; gateway environment {args.gateway_env}")
+            if cpu["others_share"] > 0.05:
+                notes_.append(
+                    f"other processes used {100 * cpu['others_share']:.0f} % of the machine during the run:"
+                    " noisier figures"
+                )
+            rows.append(
+                Row(
+                    section="commands",
+                    case=row_case(case.layer, m.mode, m.concurrency),
+                    rate=m.throughput,
+                    p50_ms=m.rtt_ms.get("p50"),
+                    p99_ms=m.rtt_ms.get("p99"),
+                    ratio_base=None,
+                    extra={"failures": m.failures},
+                    notes=notes_,
+                    error=case.error,
+                )
+            )
+    return rows
 
 
 def result_file(args: argparse.Namespace) -> Path:
@@ -1013,6 +1085,9 @@ def main(argv: list[str]) -> int:
     out = result_file(args)
     out.write_text(json.dumps(document, indent=2, default=str))
     print(f"\nwritten: {out}  ({time.monotonic() - started:.0f} s in all)")
+    if args.rows:
+        write_rows(args.rows, to_rows(results, args, cpu))
+        print(f"rows: {args.rows}")
     if args.keep:
         print(f"kept: {tmp}")
     failed = any(r.error for r in results) or any(m.failures for r in results for m in r.modes)
