@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -63,6 +64,27 @@ class EventsConsumer(AsyncWebsocketConsumer):
     gate: WriteGate | None = None
     user_id: int = 0
     token_id: int | None = None
+    watcher: AccessWatcher | None = None
+    counted: bool = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run the socket; release what it holds however it ends. Daphne cancels an application that has not
+        finished ``application_close_timeout`` seconds after its client left, and a cancelled consumer never gets to
+        ``disconnect``: in a mass disconnect thousands of sockets stayed attached to the hub and counted."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+    async def dispatch(self, message: Any) -> None:
+        """Channels' dispatch without its ``aclose_old_connections()`` before every message (a trip to the database
+        thread per client frame, connect and disconnect, which kept the thread busy for seconds when thousands of
+        sockets left at once): this consumer reaches the database only through ``gateway.db.db_call``, which closes
+        stale connections itself."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message.get('type')!r}")
+        await handler(message)
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -89,6 +111,7 @@ class EventsConsumer(AsyncWebsocketConsumer):
             logger.warning("channel layer not ready after %.0f s; the client will resume later", HUB_READY_TIMEOUT)
         await self.accept()
         metrics.WS_CLIENTS.inc()
+        self.counted = True
         self.gate = self.scope.get("write_gate") or WriteGate()
         await self._send(
             {
@@ -137,17 +160,27 @@ class EventsConsumer(AsyncWebsocketConsumer):
         await self.close(code=code)
 
     async def disconnect(self, code: int) -> None:
-        if self.feed is None:
+        sender = self.sender
+        self._release()
+        if sender is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+    def _release(self) -> None:
+        """Leave the hub and the access watcher, stop the sender and uncount the socket: once, and synchronously (it
+        also runs while the consumer is being cancelled)."""
+        feed, self.feed = self.feed, None
+        if feed is None:
             return
-        metrics.WS_CLIENTS.dec()
-        self.watcher.unregister(self)
+        if self.counted:
+            metrics.WS_CLIENTS.dec()
+            self.counted = False
+        if self.watcher is not None:
+            self.watcher.unregister(self)
         if self.hub is not None:
-            self.hub.detach(self.feed)
+            self.hub.detach(feed)
         if self.sender is not None:
             self.sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sender
-        self.feed = None
 
     async def _send_feed(self) -> None:
         """Frames from the feed, while the client reads them: while it does not, events wait in the bounded feed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -408,3 +409,18 @@ async def test_a_command_is_refused_explicitly_when_the_database_is_unavailable(
     await communicator.send_json_to({"op": "ping"})
     assert (await communicator.receive_json_from())["type"] == "pong"
     await communicator.disconnect()
+
+
+async def test_a_consumer_cancelled_before_its_disconnect_still_leaves_the_hub_and_the_count(layer):
+    """Daphne cancels an application still busy ``application_close_timeout`` after its client left (seen in a mass
+    disconnect): the socket must not stay attached to the hub, watched and counted."""
+    _, token = await make_user()
+    hub = Hub.for_layer(layer)
+    before = len(hub._all), metrics.WS_CLIENTS._value.get()
+    communicator = await connect(token)
+    await frames_until(communicator, lambda frame: frame["type"] == "hello")
+    assert len(hub._all) == before[0] + 1 and metrics.WS_CLIENTS._value.get() == before[1] + 1
+    communicator.future.cancel()  # as Daphne does; no websocket.disconnect is ever dispatched
+    with contextlib.suppress(asyncio.CancelledError):
+        await communicator.future
+    assert (len(hub._all), metrics.WS_CLIENTS._value.get()) == before
