@@ -984,7 +984,7 @@ def row_case(layer: str, mode: str, concurrency: int) -> str:
 def to_rows(results: list[CaseResult], args: argparse.Namespace, cpu: dict[str, Any]) -> list[Row]:
     """The harness's rows (bench/rows.py): one per layer and mode, in the "commands" section."""
     rows: list[Row] = []
-    diagnostic = args.nodelay != "broker" or bool(args.gateway_env)
+    is_diagnostic = diagnostic(args)
     for case in results:
         if case.error and not case.modes:
             for mode, concurrency in (("sequential", 1), ("concurrent", args.concurrency)):
@@ -1008,7 +1008,7 @@ def to_rows(results: list[CaseResult], args: argparse.Namespace, cpu: dict[str, 
                 notes_.append(f"failures: {m.failure_kinds}")
             if m.anomalies:
                 notes_.append(f"anomalies: {m.anomalies}")
-            if diagnostic:
+            if is_diagnostic:
                 notes_.append(f"DIAGNOSTIC run: --nodelay {args.nodelay}; gateway environment {args.gateway_env}")
             if cpu["others_share"] > 0.05:
                 notes_.append(
@@ -1031,10 +1031,15 @@ def to_rows(results: list[CaseResult], args: argparse.Namespace, cpu: dict[str, 
     return rows
 
 
+def diagnostic(args: argparse.Namespace) -> bool:
+    """A run with settings other than the deployed ones (Mosquitto with TCP_NODELAY, the gateway as configured)."""
+    return args.nodelay != "broker" or bool(args.gateway_env)
+
+
 def result_file(args: argparse.Namespace) -> Path:
     """``command_rtt.json`` for the gateway as configured; a diagnostic run (``--nodelay``, ``--gateway-env``)
     goes to ``command_rtt-diagnostic.json`` so that it does not replace the reference figures."""
-    if args.nodelay != "off" or args.gateway_env:
+    if diagnostic(args):
         return RESULTS_DIR / "command_rtt-diagnostic.json"
     return RESULT_FILE
 
@@ -1050,7 +1055,7 @@ def main(argv: list[str]) -> int:
         f" mode, one device, QoS 1 ({os.cpu_count()} CPUs)"
     )
     print("round trip = client send -> client receives the succeeded frame; sent = client send -> the sent frame")
-    if args.nodelay != "off" or args.gateway_env:
+    if diagnostic(args):
         print(f"DIAGNOSTIC run: --nodelay {args.nodelay}; gateway environment {args.gateway_env or 'as usual'}")
     print(table(results))
     for line in verdicts(results):

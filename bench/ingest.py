@@ -170,7 +170,9 @@ async def work(qos: int, messages: int) -> int:
             seen.recording = True
 
         try:
-            published = await measure(receiver, settings.MQTT["PORT"], qos, messages, 0.0, on_start=start_recording)
+            published = await measure(
+                receiver, settings.MQTT["PORT"], qos, messages, 0.0, on_start=start_recording, nodelay=True
+            )
             seen.recording = False
             result = summary(receiver, seen, published)
         except Exception as exc:
@@ -318,7 +320,7 @@ async def run_case(args: argparse.Namespace, layer: str, database: str, qos: int
     procs = Processes()
     postgres = False
     try:
-        mqtt_port = start_mosquitto(procs, workdir)
+        mqtt_port = start_mosquitto(procs, workdir, extra_config="set_tcp_nodelay true\n")  # as mqtt_to_ws.py
         env = worker_env(args, workdir, mqtt_port, layer, database)
         if layer == "redis":
             await asyncio.to_thread(flush_redis_db, env["REDIS_URL"])

@@ -213,10 +213,11 @@ async def run_case(name: str, qos: int, messages: int, workdir: Path) -> Row:
     cpu_before = cpu_seconds()
     procs = Processes()
     try:
-        port = start_mosquitto(procs, workdir)
+        # The broker and publisher as the gateway benchmarks run them (mqtt_to_ws.py's default --nodelay on).
+        port = start_mosquitto(procs, workdir, extra_config="set_tcp_nodelay true\n")
         receiver = Receiver(messages)
         async with SUBSCRIBERS[name](port, qos, receiver):
-            published = await measure(receiver, port, qos, messages, 0.0)
+            published = await measure(receiver, port, qos, messages, 0.0, nodelay=True)
         tally = receiver.measured
         row.rate = round(tally.rate(), 1)
         row.p50_ms = _round(tally.percentile_ms(0.50))
