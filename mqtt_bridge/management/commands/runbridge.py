@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ class Command(BaseCommand):
                 "runbridge: REDIS_URL is not set, so stored events reach no web process "
                 "(use rungateway for one process, or set REDIS_URL)"
             )
+        gc.freeze()  # what is loaded now lives as long as the process: out of full collections (see config/asgi.py)
         if options["retire"]:
             asyncio.run(self._retire(idle=options["idle"]))
         else:
