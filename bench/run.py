@@ -178,7 +178,7 @@ def targets(rows: list[Row], ratios: dict[int, float]) -> list[str]:
         for index, row in found:
             if index in ratios:
                 mark = "met" if ratios[index] >= goal else "NOT met"
-                verdicts.append(f"{label} (QoS {row.qos}): {ratios[index]:.2f}x >= {goal}x: {mark}")
+                verdicts.append(f"{label} ({row.case}, QoS {row.qos}): {ratios[index]:.2f}x >= {goal}x: {mark}")
         if not any(index in ratios for index, _ in found):
             verdicts.append(f"{label}: not measured")
 

@@ -34,8 +34,8 @@ def test_gateway_rates_are_divided_by_the_aiomqtt_rate_at_the_same_qos_only():
 def test_each_target_gets_a_verdict_and_what_was_not_measured_says_so():
     found = rows()
     verdicts = run.targets(found, run.add_ratios(found))
-    assert "1 client, in-memory layer (QoS 0): 0.70x >= 0.6x: met" in verdicts
-    assert "1 client, Redis layer (QoS 1): 0.25x >= 0.4x: NOT met" in verdicts
+    assert "1 client, in-memory layer (memory, 1 client, flat out, QoS 0): 0.70x >= 0.6x: met" in verdicts
+    assert "1 client, Redis layer (redis, 1 client, flat out, QoS 1): 0.25x >= 0.4x: NOT met" in verdicts
     assert "50 all-device clients: not measured" in verdicts
     assert any(
         v.startswith("p99 at 1,000 msg/s, 50 clients") and v.endswith("61.0 ms < 50 ms: NOT met") for v in verdicts
