@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from typing import Any
 
 from mqtt_to_ws import (
     BIN,
+    LAYERS,
     PREFIX,
     RESULTS_DIR,
     Proc,
@@ -43,13 +45,18 @@ from mqtt_to_ws import (
     Profiler,
     cpu_report,
     cpu_seconds,
+    flush_redis_db,
     free_port,
     gateway_env,
     log_problems,
+    parse_gateway_env,
+    parse_layers,
     prepare_database,
     print_cpu_note,
     py_spy_dumps,
     read_metrics,
+    redis_url,
+    run_cases,
     run_in_tempdir,
     start_mosquitto,
     versions,
@@ -691,20 +698,6 @@ async def case_gateway(args: argparse.Namespace, layer: str, workdir: Path) -> C
     return result
 
 
-def redis_url(db: int) -> str:
-    return f"redis://127.0.0.1:6379/{db}"
-
-
-def flush_redis_db(db: int) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url(db))
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-
-
 NODELAY_SITE = '''"""From bench/command_rtt.py --nodelay all: TCP_NODELAY on the TCP connections this process opens."""
 import socket
 
@@ -950,31 +943,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--commands must be at least 1")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
-    pairs = [item.partition("=") for item in args.gateway_env]
-    if any(not name or not sep for name, sep, _ in pairs):
-        parser.error("--gateway-env takes NAME=VALUE")
-    args.gateway_env = {name: value for name, _, value in pairs}
-    args.layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
-    unknown = set(args.layers) - {"memory", "redis"}
-    if unknown:
-        parser.error(f"unknown layer(s): {', '.join(sorted(unknown))}")
+    parse_gateway_env(parser, args)
+    parse_layers(parser, args, LAYERS)
     return args
 
 
 async def main_async(args: argparse.Namespace, tmp: Path) -> list[CaseResult]:
-    results = []
-    for layer in args.layers:
-        workdir = tmp / layer
-        workdir.mkdir()
-        print(f"- {layer}: {args.commands:,} commands sequential, then {args.concurrency} in flight ...", flush=True)
-        started = time.monotonic()
-        try:
-            result = await case_gateway(args, layer, workdir)
-        except Exception as exc:
-            result = CaseResult(layer=layer, error=f"{type(exc).__name__}: {exc}")
-        print(f"  done in {time.monotonic() - started:.1f} s", flush=True)
-        results.append(result)
-    return results
+    return await run_cases(
+        tmp,
+        [(layer, functools.partial(case_gateway, args, layer)) for layer in args.layers],
+        f"{args.commands:,} commands sequential, then {args.concurrency} in flight",
+        lambda layer, error: CaseResult(layer=layer, error=error),
+    )
 
 
 def row_case(layer: str, mode: str, concurrency: int) -> str:

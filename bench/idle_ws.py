@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -46,13 +47,18 @@ from mqtt_to_ws import (
     Processes,
     cpu_report,
     cpu_seconds,
+    flush_redis_db,
     free_port,
     gateway_env,
     log_problems,
     manage,
+    parse_gateway_env,
+    parse_layers,
     prepare_database,
     print_cpu_note,
     read_metrics,
+    redis_url,
+    run_cases,
     run_in_tempdir,
     start_mosquitto,
     versions,
@@ -709,20 +715,6 @@ def killed_on_close(proc: Proc) -> tuple[int, int]:
     return len(names), len(set(names))
 
 
-def redis_url(db: int) -> str:
-    return f"redis://127.0.0.1:6379/{db}"
-
-
-def flush_redis_db(db: int) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url(db))
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------
@@ -1002,31 +994,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if len(args.steps) < 2 or args.steps[0] < 0:
             parser.error("--steps needs at least two non-negative counts")
         args.max = args.steps[-1]
-    pairs = [item.partition("=") for item in args.gateway_env]
-    if any(not name or not sep for name, sep, _ in pairs):
-        parser.error("--gateway-env takes NAME=VALUE")
-    args.gateway_env = {name: value for name, _, value in pairs}
-    args.layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
-    unknown = set(args.layers) - set(CASE_NAMES)
-    if unknown:
-        parser.error(f"unknown layer(s): {', '.join(sorted(unknown))}")
+    parse_gateway_env(parser, args)
+    parse_layers(parser, args, CASE_NAMES)
     return args
 
 
 async def main_async(args: argparse.Namespace, tmp: Path) -> list[CaseResult]:
-    results = []
-    for layer in args.layers:
-        workdir = tmp / layer
-        workdir.mkdir()
-        print(f"- {layer}: up to {args.max:,} idle sockets in steps {steps_for(args)} ...", flush=True)
-        started = time.monotonic()
-        try:
-            result = await case_gateway(args, layer, workdir)
-        except Exception as exc:
-            result = CaseResult(layer=layer, case=case_name(layer, args), error=f"{type(exc).__name__}: {exc}")
-        print(f"  done in {time.monotonic() - started:.1f} s", flush=True)
-        results.append(result)
-    return results
+    return await run_cases(
+        tmp,
+        [(layer, functools.partial(case_gateway, args, layer)) for layer in args.layers],
+        f"up to {args.max:,} idle sockets in steps {steps_for(args)}",
+        lambda layer, error: CaseResult(layer=layer, case=case_name(layer, args), error=error),
+    )
 
 
 def result_file(args: argparse.Namespace) -> Path:

@@ -31,30 +31,31 @@ from typing import Any
 from unittest import mock
 from urllib.parse import urlsplit
 
-from limits import format_table, number, others_note, print_notes, print_run_cpu_note, process_notes, qos_list
+from limits import finish, format_table, number, others_note, process_notes, qos_list
 from mqtt_to_ws import (
     DEVICES,
+    LAYERS,
     ROOT,
     WARMUP,
     Proc,
     Processes,
     Receiver,
-    cpu_report,
     cpu_seconds,
     delivery_cap,
+    flush_redis_db,
     gateway_env,
     measure,
+    redis_url,
     run_in_tempdir,
     start_mosquitto,
     versions,
 )
-from rows import Row, write_rows
+from rows import Row
 
 SCRIPT = str(Path(__file__).resolve())
 RESULT_MARK = "INGEST-RESULT "  # the worker's result line in its log
 POSTGRES_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
 POSTGRES_DB = "bench_ingest"
-LAYERS = ("memory", "redis")
 DATABASES = ("sqlite", "postgres")
 CONNECT_TIMEOUT = 30.0  # s for the worker's bridge to connect and subscribe
 SETUP_ALLOWANCE = 180.0  # s for the worker to start, migrate and connect (PostgreSQL migrations are the slow part)
@@ -248,20 +249,6 @@ def problem_counters() -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def redis_url(db: int) -> str:
-    return f"redis://127.0.0.1:6379/{db}"
-
-
-def flush_redis_db(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-
-
 def database_url(server: str, name: str) -> str:
     return urlsplit(server)._replace(path=f"/{name}").geturl()
 
@@ -323,7 +310,7 @@ async def run_case(args: argparse.Namespace, layer: str, database: str, qos: int
         mqtt_port = start_mosquitto(procs, workdir, extra_config="set_tcp_nodelay true\n")  # as mqtt_to_ws.py
         env = worker_env(args, workdir, mqtt_port, layer, database)
         if layer == "redis":
-            await asyncio.to_thread(flush_redis_db, env["REDIS_URL"])
+            await asyncio.to_thread(flush_redis_db, args.redis_db)
         if database == "postgres":
             await asyncio.to_thread(recreate_database, args.postgres, POSTGRES_DB)
             postgres = True
@@ -485,16 +472,7 @@ def main(argv: list[str]) -> int:
         f" from {DEVICES:,} devices per case ({os.cpu_count()} CPUs; Django {found.get('django', '?')},"
         f" channels-redis {found.get('channels-redis', '?')}, git {found.get('git', '?')})"
     )
-    print(table(rows))
-    print_run_cpu_note(cpu_report(cpu_before, cpu_seconds()))
-    print_notes(rows)
-    if args.rows:
-        write_rows(args.rows, rows)
-        print(f"\nrows written to {args.rows}")
-    print(f"({time.monotonic() - started:.0f} s in all)")
-    if args.keep:
-        print(f"kept: {tmp}")
-    return 1 if any(row.error for row in rows) else 0
+    return finish(args, rows, table(rows), tmp, started, cpu_before)
 
 
 if __name__ == "__main__":

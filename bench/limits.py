@@ -45,6 +45,7 @@ from mqtt_to_ws import (
     start_mosquitto,
     versions,
 )
+from mqtt_to_ws import aiomqtt_subscriber as aiomqtt_telemetry_subscriber
 from rows import Row, write_rows
 
 TOPIC_FILTER = f"{PREFIX}/+/telemetry"
@@ -61,33 +62,10 @@ Subscriber = Callable[[int, int, Receiver], AbstractAsyncContextManager[None]]
 # ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def aiomqtt_subscriber(port: int, qos: int, receiver: Receiver) -> AsyncIterator[None]:
-    """An ``aiomqtt.Client`` (MQTT 5) subscribed to the telemetry, counting as mqtt_to_ws.case_raw does."""
-    import aiomqtt
-    import orjson
-
-    async with aiomqtt.Client(
-        "127.0.0.1",
-        port,
-        identifier=f"bench-limits-aiomqtt-{uuid.uuid4().hex[:8]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-    ) as client:
-        await client.subscribe(TOPIC_FILTER, qos=qos)
-
-        async def consume() -> None:
-            async for message in client.messages:
-                now = time.time()
-                data = orjson.loads(message.payload)
-                receiver.event(data["n"], data["ts"], now)
-
-        consumer = asyncio.create_task(consume())
-        try:
-            yield
-        finally:
-            consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consumer
+def aiomqtt_subscriber(port: int, qos: int, receiver: Receiver) -> AbstractAsyncContextManager[None]:
+    """An ``aiomqtt.Client`` (MQTT 5) subscribed to the telemetry, counting as mqtt_to_ws.case_raw does (it is
+    mqtt_to_ws.aiomqtt_subscriber, the raw reference's subscriber)."""
+    return aiomqtt_telemetry_subscriber(port, qos, receiver, client_prefix="bench-limits-aiomqtt")
 
 
 @contextlib.asynccontextmanager
@@ -305,6 +283,28 @@ def qos_list(parser: argparse.ArgumentParser, text: str) -> list[int]:
     return values
 
 
+def finish(
+    args: argparse.Namespace,
+    rows: list[Row],
+    table_text: str,
+    tmp: Path,
+    started: float,
+    cpu_before: tuple[float, float, float],
+) -> int:
+    """The end of main() here and in ingest.py, after the heading: the table, the CPU and per-row notes, the rows
+    file (``--rows``), the time taken and the kept directory (``--keep``); returns the exit status."""
+    print(table_text)
+    print_run_cpu_note(cpu_report(cpu_before, cpu_seconds()))
+    print_notes(rows)
+    if args.rows:
+        write_rows(args.rows, rows)
+        print(f"\nrows written to {args.rows}")
+    print(f"({time.monotonic() - started:.0f} s in all)")
+    if args.keep:
+        print(f"kept: {tmp}")
+    return 1 if any(row.error for row in rows) else 0
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -347,16 +347,7 @@ def main(argv: list[str]) -> int:
         f" ({os.cpu_count()} CPUs; aiomqtt {found.get('aiomqtt', '?')}, paho-mqtt {found.get('paho-mqtt', '?')},"
         f" {found.get('mosquitto', 'mosquitto ?')})"
     )
-    print(table(rows))
-    print_run_cpu_note(cpu_report(cpu_before, cpu_seconds()))
-    print_notes(rows)
-    if args.rows:
-        write_rows(args.rows, rows)
-        print(f"\nrows written to {args.rows}")
-    print(f"({time.monotonic() - started:.0f} s in all)")
-    if args.keep:
-        print(f"kept: {tmp}")
-    return 1 if any(row.error for row in rows) else 0
+    return finish(args, rows, table(rows), tmp, started, cpu_before)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import asyncio
 import bisect
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import os
@@ -46,7 +47,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +58,7 @@ RESULTS_DIR = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 REDIS_URL = "redis://127.0.0.1:6379/14"
+LAYERS = ("memory", "redis")  # the channel layers a gateway case runs on: --layers
 PREFIX = "bench"
 DEVICES = 1000
 WARMUP = DEVICES  # one message per device, so that auto-registration happens before the measurement
@@ -837,14 +839,23 @@ def prepare_database(env: dict[str, str]) -> str:
     return token
 
 
-def flush_redis() -> None:
+def redis_url(db: int) -> str:
+    return f"redis://127.0.0.1:6379/{db}"
+
+
+def flush_redis(url: str = REDIS_URL) -> None:
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(url)
     try:
         client.flushdb()
     finally:
         client.close()
+
+
+def flush_redis_db(db: int) -> None:
+    """Flush Redis db ``db`` (the ``--redis-db`` of command_rtt.py, idle_ws.py and ingest.py)."""
+    flush_redis(redis_url(db))
 
 
 async def wait_ready(web_port: int, procs: list[Proc], limit: float = 60.0) -> None:
@@ -1166,36 +1177,45 @@ async def measure(
     return published
 
 
-async def case_raw(args: argparse.Namespace, workdir: Path) -> CaseResult:
+@contextlib.asynccontextmanager
+async def aiomqtt_subscriber(port: int, qos: int, receiver: Receiver, *, client_prefix: str) -> AsyncIterator[None]:
+    """An ``aiomqtt.Client`` (MQTT 5, client id ``<client_prefix>-<8 hex>``) subscribed to the telemetry, feeding
+    ``receiver`` (n, payload ts, receive time) per message while the block runs: the raw reference of this script
+    and limits.py's ``aiomqtt subscriber``."""
     import aiomqtt
     import orjson
 
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=f"{client_prefix}-{uuid.uuid4().hex[:8]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        await client.subscribe(f"{PREFIX}/+/telemetry", qos=qos)
+
+        async def consume() -> None:
+            async for message in client.messages:
+                now = time.time()
+                data = orjson.loads(message.payload)
+                receiver.event(data["n"], data["ts"], now)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            yield
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+
+
+async def case_raw(args: argparse.Namespace, workdir: Path) -> CaseResult:
     result = CaseResult(case=f"aiomqtt raw (qos{args.qos})", qos=args.qos, messages=args.messages)
     procs = Processes()
     try:
         port = start_mosquitto(procs, workdir, extra_config=broker_config(args))
         receiver = Receiver(args.messages)
-        async with aiomqtt.Client(
-            "127.0.0.1",
-            port,
-            identifier=f"bench-raw-{uuid.uuid4().hex[:8]}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-        ) as client:
-            await client.subscribe(f"{PREFIX}/+/telemetry", qos=args.qos)
-
-            async def consume() -> None:
-                async for message in client.messages:
-                    now = time.time()
-                    data = orjson.loads(message.payload)
-                    receiver.event(data["n"], data["ts"], now)
-
-            consumer = asyncio.create_task(consume())
-            try:
-                published = await measure(receiver, port, args.qos, args.messages, args.rate, nodelay=nodelay(args))
-            finally:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await consumer
+        async with aiomqtt_subscriber(port, args.qos, receiver, client_prefix="bench-raw"):
+            published = await measure(receiver, port, args.qos, args.messages, args.rate, nodelay=nodelay(args))
         result.fill(receiver, published)
         result.events_per_frame = 1.0
         result.frames = receiver.measured.received
@@ -1837,43 +1857,78 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--rates and --at take numbers: {exc}")
     if any(rate <= 0 for rate in args.rates + args.at):
         parser.error("--rates and --at must be positive")
+    parse_gateway_env(parser, args)
+    parse_layers(parser, args, LAYERS)
+    return args
+
+
+def parse_gateway_env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--gateway-env NAME=VALUE`` (repeatable) into ``args.gateway_env``, a dict (shared with command_rtt.py and
+    idle_ws.py)."""
     pairs = [item.partition("=") for item in args.gateway_env]
     if any(not name or not sep for name, sep, _ in pairs):
         parser.error("--gateway-env takes NAME=VALUE")
     args.gateway_env = {name: value for name, _, value in pairs}
+
+
+def parse_layers(parser: argparse.ArgumentParser, args: argparse.Namespace, allowed: Iterable[str]) -> None:
+    """``--layers``, comma-separated, into ``args.layers``, a list of names from ``allowed`` (shared with
+    command_rtt.py and idle_ws.py)."""
     args.layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
-    unknown = set(args.layers) - {"memory", "redis"}
+    unknown = set(args.layers) - set(allowed)
     if unknown:
         parser.error(f"unknown layer(s): {', '.join(sorted(unknown))}")
-    return args
 
 
-async def main_async(args: argparse.Namespace, tmp: Path) -> list[CaseResult]:
-    results: list[CaseResult] = []
-    cases: list[tuple[str, Any]] = []
-    if not args.no_raw:
-        cases.append(("raw", lambda d: case_raw(args, d)))
-    for layer in args.layers:
-        cases.append((layer, lambda d, layer=layer: case_gateway(args, layer, d)))
+T = TypeVar("T")
+
+
+async def run_cases(
+    tmp: Path,
+    cases: Iterable[tuple[str, Callable[[Path], Awaitable[T]]]],
+    what: str,
+    failed: Callable[[str, str], T],
+) -> list[T]:
+    """Run each ``(name, run)`` case in turn as ``run(tmp / name)`` (a fresh directory), announcing it as
+    ``- name: what ...`` and its time; a case that raises gives ``failed(name, "ExcType: message")`` instead
+    (shared with command_rtt.py and idle_ws.py)."""
+    results: list[T] = []
     for name, run in cases:
         workdir = tmp / name
         workdir.mkdir()
-        print(f"- {name}: {args.messages:,} messages at QoS {args.qos} ...", flush=True)
+        print(f"- {name}: {what} ...", flush=True)
         started = time.monotonic()
         try:
-            found = await run(workdir)
-            results.extend(found if isinstance(found, list) else [found])
+            result = await run(workdir)
         except Exception as exc:
-            result = CaseResult(case=f"{name} (qos{args.qos})", qos=args.qos, messages=args.messages, layer=name)
-            result.error = f"{type(exc).__name__}: {exc}"
-            results.append(result)
+            result = failed(name, f"{type(exc).__name__}: {exc}")
         print(f"  done in {time.monotonic() - started:.1f} s", flush=True)
-    raw = next((r for r in results if r.case.startswith("aiomqtt") and not r.error), None)
+        results.append(result)
+    return results
+
+
+async def main_async(args: argparse.Namespace, tmp: Path) -> list[CaseResult]:
+    async def raw(workdir: Path) -> list[CaseResult]:
+        return [await case_raw(args, workdir)]
+
+    def failed(name: str, error: str) -> list[CaseResult]:
+        result = CaseResult(case=f"{name} (qos{args.qos})", qos=args.qos, messages=args.messages, layer=name)
+        result.error = error
+        return [result]
+
+    cases: list[tuple[str, Callable[[Path], Awaitable[list[CaseResult]]]]] = []
+    if not args.no_raw:
+        cases.append(("raw", raw))
+    for layer in args.layers:
+        cases.append((layer, functools.partial(case_gateway, args, layer)))
+    found = await run_cases(tmp, cases, f"{args.messages:,} messages at QoS {args.qos}", failed)
+    results = [result for batch in found for result in batch]
+    raw_result = next((r for r in results if r.case.startswith("aiomqtt") and not r.error), None)
     for r in results:
         # The raw reference is measured once, like each case's first run (flat out, or at --rate): only that
         # run has a ratio.
-        if raw is not None and raw.delivered_rate and not r.error and r.phase_index == 0:
-            r.ratio_to_raw = r.delivered_rate / raw.delivered_rate
+        if raw_result is not None and raw_result.delivered_rate and not r.error and r.phase_index == 0:
+            r.ratio_to_raw = r.delivered_rate / raw_result.delivered_rate
     return results
 
 
