@@ -204,6 +204,7 @@ def test_after_a_gap_the_device_page_reloads_values_alerts_and_events(browser, g
     with gateway.diagnosed():
         page = open_console(browser, gateway, operator)
         gateway.publish("dev-g", "telemetry", {"n": 0})
+        expect(page.locator('tr[data-device="dev-g"]')).to_be_visible()  # stored (registered) before its page opens
         page.goto(f"{gateway.url}/devices/dev-g/")
         connection = page.locator("#connection")
         expect(connection).to_have_attribute("data-state", "live")
