@@ -63,24 +63,23 @@ def numeric_values(body: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
     values = body.get("values")
     if not isinstance(values, dict):
         return
-    isfinite = math.isfinite
     for name, value in values.items():
-        kind = type(value)
-        if (kind is float or kind is int or (kind is not bool and isinstance(value, int | float))) and isfinite(value):
-            yield name, float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number):
+                yield name, number
 
 
 def of_telemetry(rows: Iterable[tuple[str, float, Mapping[str, Any]]]) -> dict[RollupKey, Stats]:
-    """The rollups of ``(device id, receive time, body)`` telemetry rows (ingest's hot path: kept lean)."""
+    """The rollups of ``(device id, receive time, body)`` telemetry rows."""
     stats: dict[RollupKey, Stats] = {}
-    get = stats.get
     for device_id, ts, body in rows:
-        hour = math.floor(ts / HOUR)
+        hour = hour_of(ts)
         for metric, value in numeric_values(body):
             key = (device_id, metric, hour)
-            found = get(key)
+            found = stats.get(key)
             if found is None:
-                stats[key] = Stats(value, value, value, 1)
+                stats[key] = Stats.of(value)
             else:
                 found.add(value)
     return stats
