@@ -69,7 +69,6 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
         devices = _devices_for(observations, auto_register=auto_register, max_devices=max_devices, result=result)
         seen = bulk.stored_seqs(list({(obs.device_id, obs.seq) for obs in observations if obs.seq is not None}))
         rows: list[bulk.EventRow] = []
-        kinds: list[EventKind] = []
         for obs in observations:
             device = devices.get(obs.device_id)
             if device is None:
@@ -84,15 +83,14 @@ def ingest(*, observations: Sequence[Observation], auto_register: bool, max_devi
                 result.skip(Rejection.UNCHANGED_STATUS)
                 continue
             device.changed = True
-            kinds.append(obs.kind)
-            rows.append(bulk.EventRow(obs.device_id, obs.kind.value, obs.received_at, obs.device_ts, obs.seq, obs.body))
+            rows.append(bulk.EventRow(obs.device_id, obs.kind, obs.received_at, obs.device_ts, obs.seq, obs.body))
         ids = bulk.insert_events(rows)
         bulk.save_device_states(device for device in devices.values() if device.changed)
-        telemetry = EventKind.TELEMETRY.value
-        rollups.merge(rollups.of_telemetry((row.device_id, row.ts, row.body) for row in rows if row.kind == telemetry))
+        telemetry = (row for row in rows if row.kind is EventKind.TELEMETRY)
+        rollups.merge(rollups.of_telemetry((row.device_id, row.ts, row.body) for row in telemetry))
     result.stored = [
-        EventRecord(id=id_, device_id=row.device_id, kind=kind, ts=row.ts, body=row.body, device_ts=row.device_ts)
-        for id_, row, kind in zip(ids, rows, kinds, strict=True)
+        EventRecord(id=id_, device_id=row.device_id, kind=row.kind, ts=row.ts, body=row.body, device_ts=row.device_ts)
+        for id_, row in zip(ids, rows, strict=True)
     ]
     return result
 

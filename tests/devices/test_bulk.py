@@ -8,12 +8,13 @@ from django.test.utils import CaptureQueriesContext
 
 from devices import bulk
 from devices.models import Device, Event
+from devices.records import EventKind
 
 pytestmark = pytest.mark.django_db
 
 
 def row(device: str, n: int, **body: object) -> bulk.EventRow:
-    return bulk.EventRow(device, "telemetry", 1000.0 + n, 999.5 + n if n % 2 else None, n, {"values": body})
+    return bulk.EventRow(device, EventKind.TELEMETRY, 1000.0 + n, 999.5 + n if n % 2 else None, n, {"values": body})
 
 
 def test_insert_events_returns_ids_in_row_order_and_stores_values_exactly():
@@ -27,7 +28,7 @@ def test_insert_events_returns_ids_in_row_order_and_stores_values_exactly():
         event = stored[id_]
         assert (event.device_id, event.kind, event.ts, event.device_ts, event.seq, event.body) == (
             expected.device_id,
-            expected.kind,
+            expected.kind.value,
             expected.ts,
             expected.device_ts,
             expected.seq,
