@@ -82,23 +82,19 @@ class SocketFeed:
         if not self._held:
             self._ready.set()
 
-    def push_many(self, events: list[WireEvent] | Chunk) -> None:
-        """``push`` each of ``events`` (in id order). A ``Chunk`` is queued whole when nothing stands in the way
-        (no replay floor, room for all of it), and then sent as one frame that other sockets share."""
-        chunk = events if isinstance(events, Chunk) else None
-        items: list[WireEvent] = events.events if isinstance(events, Chunk) else events
-        if not items:
+    def push_many(self, chunk: Chunk) -> None:
+        """``push`` each event of ``chunk`` (in id order): queued whole when nothing stands in the way (no replay
+        floor, room for all of it), and then sent as one frame that other sockets share."""
+        events = chunk.events
+        if not events:
             return
-        if self._floor_all == 0 and not self._floors and self._events - self._replay_left + len(items) <= self._max:
-            if chunk is not None:
-                self._items.append(chunk)
-            else:
-                self._items.extend(items)
-            self._events += len(items)
+        if self._floor_all == 0 and not self._floors and self._events - self._replay_left + len(events) <= self._max:
+            self._items.append(chunk)
+            self._events += len(events)
             if not self._held:
                 self._ready.set()
             return
-        for event in items:
+        for event in events:
             self.push(event)
 
     def _spread(self) -> list[WireEvent | Gap]:

@@ -322,8 +322,8 @@ async def test_a_wildcard_replay_floors_every_device():
 async def test_push_many_queues_a_batch_like_pushes_one_by_one():
     batched, single = feed(max_events=5), feed(max_events=5)
     events = [wired(n) for n in range(1, 8)]
-    batched.push_many(events[:3])
-    batched.push_many(events[3:])  # past the bound: the rest becomes a gap, counted, as push does
+    batched.push_many(Chunk(events[:3]))
+    batched.push_many(Chunk(events[3:]))  # past the bound: the rest becomes a gap, counted, as push does
     for event in events:
         single.push(event)
     assert await take(batched) == await take(single) == [("events", [1, 2, 3, 4, 5]), ("gap", 6, 7)]
@@ -334,7 +334,7 @@ async def test_push_many_skips_what_a_replay_already_sent():
     socket_feed = feed()
     socket_feed.hold()
     socket_feed.release(replay=[wired(1), wired(2)], replayed_devices=None, cutoff=2)
-    socket_feed.push_many([wired(2), wired(3)])
+    socket_feed.push_many(Chunk([wired(2), wired(3)]))
     assert await take(socket_feed) == [("events", [1, 2, 3])]
 
 
