@@ -45,19 +45,22 @@ _library_logger = logging.getLogger("mqtt_bridge.aiomqtt")
 # paho's own results); they rest on paho 2.1-2.2 internals, which is one reason paho-mqtt is pinned below 2.3.
 
 
-class _FastProperties(Properties):
-    """paho's ``Properties`` with its lookup tables shared (they are never written after construction) and a
-    ``clear`` that only removes what was set. Installed as the class paho's packet decoder builds."""
+# paho's lookup tables, the same for every ``Properties`` and never written after construction.
+_PROPERTY_TABLES = {
+    key: value
+    for key, value in vars(Properties(PacketTypes.PUBLISH)).items()  # type: ignore[no-untyped-call]
+    if key in ("types", "names", "properties")
+}
 
-    _shared: dict[str, Any] | None = None
-    _own = frozenset({"packetType", "types", "names", "properties"})
+
+class _FastProperties(Properties):
+    """paho's ``Properties`` with its lookup tables shared (``_PROPERTY_TABLES``) and a ``clear`` that only removes
+    what was set. Installed as the class paho's packet decoder builds."""
+
+    _own = frozenset({"packetType", *_PROPERTY_TABLES})
 
     def __init__(self, packetType: int) -> None:
-        shared = _FastProperties._shared
-        if shared is None:
-            template = Properties(packetType)  # type: ignore[no-untyped-call]
-            shared = _FastProperties._shared = {key: template.__dict__[key] for key in ("types", "names", "properties")}
-        self.__dict__.update(shared, packetType=packetType)
+        self.__dict__.update(_PROPERTY_TABLES, packetType=packetType)
 
     def clear(self) -> None:
         for name in [name for name in self.__dict__ if name not in self._own]:
